@@ -1,0 +1,177 @@
+"""Deterministic random HF Gemma 4 checkpoints, written in streaming row chunks.
+
+Values depend only on (seed, tensor name, shape, dtype): each tensor is cut into fixed row chunks
+of at most `CHUNK_ELEMS` elements (a function of the shape alone), and chunk k is drawn from its own
+`numpy.random.Generator(PCG64(SeedSequence([seed, sha256(name)[:8], k])))`. Chunks are independent,
+so they are generated on a few threads and written in order; shard size never changes a value.
+
+The initialisation is well conditioned for Gemma 4, which RMS-normalises q and k over head_dim and
+does not scale attention scores by 1/sqrt(head_dim): see `init_rule`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from exporter.safetensors_io import SafetensorsWriter
+from exporter.spec import Gemma4Spec
+from exporter.weights import hf_weight_shapes
+from ple_export.errors import UserError
+
+# CLI dtype -> (safetensors code, HF torch_dtype name, numpy dtype)
+DTYPES: dict[str, tuple[str, str, Any]] = {
+    "bf16": ("BF16", "bfloat16", ml_dtypes.bfloat16),
+    "fp16": ("F16", "float16", np.float16),
+    "fp32": ("F32", "float32", np.float32),
+}
+CHUNK_ELEMS = 16 << 20  # 64 MiB of float32; part of the value stream's definition, do not change
+
+# Init kinds: NORMAL = scale * N(0, 1); NORM = scale * (1 + 0.1 * N(0, 1)); UNIFORM = scale * U[0.5, 1).
+NORMAL, NORM, UNIFORM = "normal", "norm", "uniform"
+
+_Scale = Callable[[tuple[int, ...], Gemma4Spec], float]
+# (name suffixes, kind, scale); the first rule whose suffix ends "." + name wins.
+_RULES: tuple[tuple[tuple[str, ...], str, _Scale], ...] = (
+    # q/k RMSNorm weights ~ head_dim**-0.25 each: q.k over head_dim then has unit variance.
+    (("self_attn.q_norm.weight", "self_attn.k_norm.weight"), NORM, lambda s, spec: s[0] ** -0.25),
+    (("layer_scalar",), UNIFORM, lambda s, spec: 1.0),
+    # Gemma 4's RMSNorm multiplies by the weight itself (no +1 offset).
+    (("layernorm.weight", ".norm.weight", "post_per_layer_input_norm.weight",
+      "per_layer_projection_norm.weight"), NORM, lambda s, spec: 1.0),
+    # Embeddings are multiplied by sqrt(width) in the model.
+    (("embed_tokens_per_layer.weight",), NORMAL, lambda s, spec: spec.hidden_size_per_layer_input ** -0.5),
+    ((".embed_tokens.weight",), NORMAL, lambda s, spec: spec.hidden_size ** -0.5),
+    # Linear layers: fan_in**-0.5.
+    (("_proj.weight", "per_layer_input_gate.weight", "per_layer_projection.weight",
+      "per_layer_model_projection.weight"), NORMAL, lambda s, spec: s[1] ** -0.5),
+)
+
+
+def init_rule(name: str, shape: tuple[int, ...], spec: Gemma4Spec) -> tuple[str, float]:
+    """(kind, scale) used to initialise tensor `name`; see `_RULES`."""
+    dotted = "." + name
+    for suffixes, kind, scale in _RULES:
+        if dotted.endswith(suffixes):
+            if kind == NORMAL and len(shape) != 2:
+                raise ValueError(f"tensor {name}: weight with shape {list(shape)} is not 2-D")
+            return kind, float(scale(shape, spec))
+    raise ValueError(f"no init rule for tensor {name}")
+
+
+def _name_key(name: str) -> int:
+    return int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:8], "little")
+
+
+def chunk_rows(shape: tuple[int, ...]) -> int:
+    """Rows per generation chunk for a tensor of this shape (fixed, independent of sharding)."""
+    return max(1, CHUNK_ELEMS // max(1, math.prod(shape[1:])))
+
+
+def generate_chunk(
+    name: str, shape: tuple[int, ...], rule: tuple[str, float], seed: int, k: int, out_dtype: Any
+) -> np.ndarray:
+    """Rows [k*chunk_rows, ...) of the tensor, converted to `out_dtype`."""
+    rows_per = chunk_rows(shape)
+    n_rows = shape[0] if shape else 1
+    start, stop = k * rows_per, min((k + 1) * rows_per, n_rows)
+    row_shape = shape[1:]
+    n = (stop - start) * math.prod(row_shape)
+    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, _name_key(name), k])))
+    kind, scale = rule
+    if kind == UNIFORM:
+        x = rng.random(n, dtype=np.float32)
+        x *= np.float32(0.5)
+        x += np.float32(0.5)
+    else:
+        x = rng.standard_normal(n, dtype=np.float32)
+        if kind == NORM:
+            x *= np.float32(0.1)
+            x += np.float32(1.0)
+    x *= np.float32(scale)
+    x = x.reshape((stop - start, *row_shape)) if shape else x.reshape(())
+    return x if out_dtype is np.float32 else x.astype(out_dtype)
+
+
+def synth_total_bytes(spec: Gemma4Spec, dtype: str = "bf16") -> int:
+    """Bytes of tensor data `synth_checkpoint` writes (the total for a progress bar)."""
+    code_size = np.dtype(_dtype(dtype)[2]).itemsize
+    return sum(math.prod(s) for s in hf_weight_shapes(spec).values()) * code_size
+
+
+def _dtype(dtype: str) -> tuple[str, str, Any]:
+    if dtype not in DTYPES:
+        raise UserError(
+            f"unknown dtype {dtype!r} for a synthetic checkpoint (choose from: {', '.join(DTYPES)})"
+        )
+    return DTYPES[dtype]
+
+
+def synth_checkpoint(
+    spec: Gemma4Spec,
+    out_dir: Path,
+    dtype: str = "bf16",
+    seed: int = 0,
+    max_shard_bytes: int = 2 << 30,
+    progress: Callable[[int], None] | None = None,
+) -> Path:
+    """Write config.json, generation_config.json and the safetensors shards of a random checkpoint.
+
+    `progress` is called with the number of bytes just written (an increment). Returns `out_dir`.
+    """
+    code, torch_name, np_dtype = _dtype(dtype)
+    if seed < 0:
+        raise UserError(f"seed must be non-negative, got {seed}")
+    out_dir = Path(out_dir)
+    shapes = hf_weight_shapes(spec)
+    rules = {name: init_rule(name, shape, spec) for name, shape in shapes.items()}  # fail before writing
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg = spec.to_hf_config()
+    cfg["torch_dtype"] = torch_name
+    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    eos = list(spec.eos_token_id) if len(spec.eos_token_id) != 1 else spec.eos_token_id[0]
+    gen = {"bos_token_id": spec.bos_token_id, "eos_token_id": eos, "pad_token_id": spec.pad_token_id}
+    (out_dir / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+
+    jobs = [
+        (name, k)
+        for name, shape in shapes.items()
+        for k in range(math.ceil((shape[0] if shape else 1) / chunk_rows(shape)))
+    ]
+    workers = max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2))
+    with (
+        SafetensorsWriter(out_dir, [(n, code, s) for n, s in shapes.items()], max_shard_bytes) as writer,
+        ThreadPoolExecutor(workers) as pool,
+    ):
+        pending: deque[tuple[str, Future[np.ndarray]]] = deque()
+
+        def drain_one() -> None:
+            name, fut = pending.popleft()
+            arr = fut.result()
+            writer.write(name, arr)
+            if progress is not None:
+                progress(arr.nbytes)
+
+        try:
+            for name, k in jobs:
+                pending.append((name, pool.submit(generate_chunk, name, shapes[name], rules[name], seed, k,
+                                                  np_dtype)))
+                if len(pending) >= 2 * workers:
+                    drain_one()
+            while pending:
+                drain_one()
+        finally:
+            for _, fut in pending:
+                fut.cancel()
+    return out_dir
