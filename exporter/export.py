@@ -1,0 +1,223 @@
+"""The export pipeline, stage by stage:
+
+    read checkpoint -> trace (fake weights) -> graph passes -> lay out data files -> manifest -> commit
+
+Weights are streamed tensor by tensor (big ones in row chunks) from the safetensors shards into the
+bundle's data files; nothing holds the whole model. The bundle is assembled in a sibling temp folder
+and renamed into place only when complete, so a failed or interrupted export leaves nothing that
+looks like a bundle.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import torch
+
+from exporter import manifest as manifest_mod
+from exporter.gemma4 import rope_buffers
+from exporter.layout import DataFileWriter, bind_external, tensor_nbytes
+from exporter.safetensors_io import TensorInfo, iter_row_chunks, open_checkpoint, read_rows
+from exporter.spec import Gemma4Spec
+from exporter.trace import trace_decoder, trace_embedder
+from exporter.weights import map_checkpoint
+from graphs.tied_lm_head import TiedLmHeadToGemm
+from ple_export.errors import UserError
+
+EMBEDDER_FILE = "embedder.onnx"
+PLE_TABLE_FILE = "ple_table.data"
+DECODER_FILE = "decoder.onnx"
+DECODER_DATA_FILE = "decoder.data"
+COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "tokenizer.model",
+                "special_tokens_map.json", "chat_template.jinja")
+PLE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_SAFETENSORS_TO_OURS = {"BF16": "bf16", "F16": "fp16", "F32": "fp32"}
+CHUNK_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    page_size: int = 16 * 1024  # offsets of page-sized tensors align to this (Android 15+/iOS: 16 KiB)
+    ple_dtype: str = "checkpoint"  # checkpoint | bf16 | fp16 | fp32
+    decoder_dtype: str = "fp32"  # the only one so far; quantization passes come later
+    overwrite: bool = False
+
+    def validate(self) -> None:
+        if self.page_size < 4096 or self.page_size & (self.page_size - 1):
+            raise UserError(f"--page-size must be a power of two >= 4096, got {self.page_size}")
+        if self.ple_dtype != "checkpoint" and self.ple_dtype not in PLE_DTYPES:
+            raise UserError(f"--ple-dtype must be one of checkpoint, {', '.join(PLE_DTYPES)}; got {self.ple_dtype!r}")
+        if self.decoder_dtype != "fp32":
+            raise UserError(f"--decoder-dtype {self.decoder_dtype!r} is not supported yet (fp32 only)")
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    spec: Gemma4Spec
+    tensors: dict[str, TensorInfo]
+    mapping: dict[str, str]  # our name -> HF name
+
+    def info(self, our_name: str) -> TensorInfo:
+        return self.tensors[self.mapping[our_name]]
+
+
+@dataclass
+class ExportResult:
+    out_dir: Path
+    manifest: dict
+    seconds: float
+
+
+Progress = Callable[[str, int, int], None]  # (stage, advance bytes, total bytes)
+
+
+def read_checkpoint(path: Path) -> Checkpoint:
+    spec = Gemma4Spec.from_checkpoint_dir(path)
+    tensors = open_checkpoint(path)
+    mapping = map_checkpoint(spec, tensors)
+    dtypes = {tensors[n].dtype for n in mapping.values()}
+    unsupported = dtypes - set(_SAFETENSORS_TO_OURS)
+    if unsupported:
+        raise UserError(f"{path}: unsupported weight dtype(s) {sorted(unsupported)} (bf16, fp16, fp32 only)")
+    return Checkpoint(path, spec, tensors, mapping)
+
+
+def _check_output(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"{out_dir}: exists and is not a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise UserError(f"{out_dir}: exists and is not empty (pass --overwrite to replace it)")
+    parent = out_dir.resolve().parent
+    if not parent.is_dir():
+        raise UserError(f"{parent}: parent folder of the output does not exist")
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"{parent}: not writable")
+
+
+def _fp32_chunks(info: TensorInfo) -> Iterator[np.ndarray]:
+    for start, stop in iter_row_chunks(info, CHUNK_BYTES // 2):
+        yield read_rows(info, start, stop, "float32")
+
+
+def _ple_chunks(info: TensorInfo, target: str) -> Iterator[np.ndarray]:
+    """The PLE table's rows in the target dtype; bytes pass through untouched when dtypes agree."""
+    source = _SAFETENSORS_TO_OURS[info.dtype]
+    for start, stop in iter_row_chunks(info, CHUNK_BYTES):
+        if source == target:
+            yield read_rows(info, start, stop, "raw")
+        else:
+            rows = read_rows(info, start, stop, "float32")
+            yield torch.from_numpy(rows).to(PLE_DTYPES[target]).view(torch.uint16 if target != "fp32" else torch.float32).numpy()
+
+
+def _write_embedder(
+    ckpt: Checkpoint, tmp: Path, ple_dtype: str, opts: ExportOptions, progress: Progress, hashes: dict[str, str]
+) -> None:
+    model = trace_embedder(ckpt.spec, PLE_DTYPES[ple_dtype])
+    table = model.graph.initializers["ple_table"]
+    info = ckpt.info("ple_table")
+    nbytes = tensor_nbytes(table)
+    with DataFileWriter(tmp / PLE_TABLE_FILE, opts.page_size, lambda n: progress("ple_table", n, nbytes)) as w:
+        placement = w.add("ple_table", nbytes, _ple_chunks(info, ple_dtype))
+        hashes[PLE_TABLE_FILE] = w.close()[1]
+    assert placement.offset == 0  # the table starts the file: page-aligned for mmap
+    bind_external(table, PLE_TABLE_FILE, placement, tmp)
+    ir.save(model, tmp / EMBEDDER_FILE)
+
+
+def _write_decoder(
+    ckpt: Checkpoint, tmp: Path, opts: ExportOptions, progress: Progress, hashes: dict[str, str]
+) -> ir.Model:
+    model = trace_decoder(ckpt.spec)
+    TiedLmHeadToGemm()(model)
+    computed = {k: v.numpy() for k, v in rope_buffers(ckpt.spec).items()}
+    inits = list(model.graph.initializers.values())
+    total = sum(tensor_nbytes(v) for v in inits)
+    with DataFileWriter(tmp / DECODER_DATA_FILE, opts.page_size, lambda n: progress("decoder", n, total)) as w:
+        for value in inits:
+            name = value.name
+            assert name is not None
+            if name in computed:
+                chunks: Iterator[np.ndarray] = iter([computed[name].astype(np.float32)])
+            elif name in ckpt.mapping:
+                info = ckpt.info(name)
+                if tuple(info.shape) != tuple(int(d) for d in value.shape or ()):
+                    raise UserError(f"tensor {info.name} has shape {list(info.shape)}, the graph expects "
+                                    f"{list(value.shape or ())}")
+                chunks = _fp32_chunks(info)
+            else:  # a parameter of ours with no source: a bug, not bad input
+                raise RuntimeError(f"decoder initializer {name} has no source tensor")
+            placement = w.add(name, tensor_nbytes(value), chunks)
+            bind_external(value, DECODER_DATA_FILE, placement, tmp)
+        hashes[DECODER_DATA_FILE] = w.close()[1]
+    ir.save(model, tmp / DECODER_FILE)
+    return model
+
+
+def export_bundle(
+    checkpoint: Path,
+    out_dir: Path,
+    opts: ExportOptions = ExportOptions(),
+    progress: Progress | None = None,
+) -> ExportResult:
+    t0 = time.perf_counter()
+    opts.validate()
+    ckpt = read_checkpoint(checkpoint)
+    _check_output(out_dir, opts.overwrite)
+    ple_source = _SAFETENSORS_TO_OURS[ckpt.info("ple_table").dtype]
+    ple_dtype = ple_source if opts.ple_dtype == "checkpoint" else opts.ple_dtype
+    report = progress or (lambda stage, n, total: None)
+
+    out_dir = out_dir.resolve()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        hashes: dict[str, str] = {}  # data files, hashed while written
+        _write_embedder(ckpt, tmp, ple_dtype, opts, report, hashes)
+        _write_decoder(ckpt, tmp, opts, report, hashes)
+        for name in COPIED_FILES:
+            if (checkpoint / name).is_file():
+                shutil.copyfile(checkpoint / name, tmp / name)
+        options = asdict(opts) | {"ple_dtype": ple_dtype}
+        del options["overwrite"]  # how the folder was replaced is not a property of the bundle
+        manifest = manifest_mod.build(tmp, ckpt.spec, ckpt, ple_dtype, options, hashes)
+        manifest_mod.write(tmp, manifest)  # last: a folder without manifest.json is not a bundle
+        _commit(tmp, out_dir)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno == errno.ENOSPC:
+            raise UserError(f"{out_dir.parent}: no space left on device while writing the bundle") from None
+        raise UserError(f"{e.filename or out_dir}: {e.strerror or e}") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return ExportResult(out_dir, manifest, time.perf_counter() - t0)
+
+
+def _commit(tmp: Path, out_dir: Path) -> None:
+    """Move the finished bundle into place; an old one (with --overwrite) goes only after that."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it private
+    old = None
+    if out_dir.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        os.rename(out_dir, old / "bundle")
+    try:
+        os.rename(tmp, out_dir)
+    except BaseException:
+        if old is not None:
+            os.rename(old / "bundle", out_dir)
+            old.rmdir()
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

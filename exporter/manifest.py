@@ -1,0 +1,176 @@
+"""manifest.json: everything a runtime needs to run the bundle, and nothing it must guess.
+
+Schema: docs/bundle-format.md. Written last, so a folder without it is not a bundle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from exporter.spec import Gemma4Spec
+from exporter.trace import IR_VERSION, OPSET
+
+if TYPE_CHECKING:
+    from exporter.export import Checkpoint
+
+FORMAT = "ple-export-bundle"
+FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+
+_ROLES = {
+    "embedder.onnx": ("flash", "embedder_graph"),
+    "ple_table.data": ("flash", "ple_table"),
+    "decoder.onnx": ("dram", "decoder_graph"),
+    "decoder.data": ("dram", "decoder_weights"),
+}
+_ONNX_DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def sha256_file(path: Path, chunk: int = 16 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _io(name: str, dtype: str, shape: list[int | str], role: str, layer: int | None = None) -> dict[str, Any]:
+    entry: dict[str, Any] = {"name": name, "dtype": dtype, "shape": shape, "role": role}
+    if layer is not None:
+        entry["layer"] = layer
+    return entry
+
+
+def graph_io(spec: Gemma4Spec) -> dict[str, Any]:
+    L, P = spec.num_hidden_layers, spec.hidden_size_per_layer_input
+    embedder = {
+        "file": "embedder.onnx",
+        "inputs": [_io("input_ids", "int64", ["batch", "sequence"], "input_ids")],
+        "outputs": [_io("per_layer_inputs", "float32", ["batch", "sequence", L, P], "per_layer_inputs")],
+    }
+    dec_in = [
+        _io("input_ids", "int64", ["batch", "sequence"], "input_ids"),
+        _io("per_layer_inputs", "float32", ["batch", "sequence", L, P], "per_layer_inputs"),
+        _io("position_ids", "int64", ["batch", "sequence"], "position_ids"),
+    ]
+    dec_out = [_io("logits", "float32", ["batch", "sequence", spec.vocab_size], "logits")]
+    for i in spec.kv_layers:
+        kvh, hd = spec.layer_kv_heads(i), spec.layer_head_dim(i)
+        past = f"past_sequence_{i}"
+        present = (f"min({past} + sequence, {spec.sliding_window - 1})" if spec.is_sliding(i)
+                   else f"{past} + sequence")
+        for kv in ("key", "value"):
+            dec_in.append(_io(f"past_{kv}.{i}", "float32", ["batch", kvh, past, hd], f"past_{kv}", i))
+            dec_out.append(_io(f"present_{kv}.{i}", "float32", ["batch", kvh, present, hd], f"present_{kv}", i))
+    return {"embedder": embedder, "decoder": {"file": "decoder.onnx", "inputs": dec_in, "outputs": dec_out}}
+
+
+def kv_cache(spec: Gemma4Spec) -> dict[str, Any]:
+    layers = []
+    for i in spec.kv_layers:
+        layers.append({
+            "layer": i,
+            "type": spec.layer_types[i],
+            "kv_heads": spec.layer_kv_heads(i),
+            "head_dim": spec.layer_head_dim(i),
+            # sliding layers return only the last window-1 positions: the cache never grows past that
+            "max_length": spec.sliding_window - 1 if spec.is_sliding(i) else None,
+            "shared_by": [j for j in range(spec.num_hidden_layers) if j != i and spec.kv_source(j) == i],
+        })
+    return {
+        "dtype": "float32",
+        "layers": layers,
+        "initial_past_length": 0,
+        "update": "feed each present_* output back as the matching past_* input on the next call",
+    }
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in ("ple-export", "torch", "onnx", "onnxruntime", "onnx-ir", "onnxscript", "safetensors", "numpy"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def build(bundle: Path, spec: Gemma4Spec, ckpt: Checkpoint, ple_dtype: str, options: dict[str, Any],
+          hashes: dict[str, str] | None = None) -> dict[str, Any]:
+    hashes = hashes or {}
+    files = []
+    for path in sorted(p for p in bundle.iterdir() if p.is_file() and p.name != MANIFEST_FILE):
+        placement, role = _ROLES.get(path.name, ("none", "metadata"))
+        files.append({
+            "path": path.name,
+            "bytes": path.stat().st_size,
+            "sha256": hashes.get(path.name) or sha256_file(path),
+            "placement": placement,
+            "role": role,
+        })
+    table = ckpt.info("ple_table")
+    row_bytes = spec.ple_dim * {"bf16": 2, "fp16": 2, "fp32": 4}[ple_dtype]
+    page = int(options["page_size"])
+    source_dtypes = sorted({ckpt.tensors[n].dtype for n in ckpt.mapping.values()})
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model": {
+            "family": "gemma4",
+            "spec": spec.to_dict(),
+            "num_parameters": spec.num_parameters(),
+            "source": {"dtypes": source_dtypes, "num_tensors": len(ckpt.mapping)},
+        },
+        "files": files,
+        "graphs": graph_io(spec),
+        "onnx": {"ir_version": IR_VERSION, "opset": OPSET},
+        "ple": {
+            "file": "ple_table.data",
+            "offset": 0,
+            "dtype": _ONNX_DTYPE[ple_dtype],
+            "rows": int(table.shape[0]),
+            "row_bytes": row_bytes,
+            "page_size": page,
+            "pages_per_token": -(-row_bytes // page),  # a row at an arbitrary offset may span one more
+            "scale": spec.hidden_size_per_layer_input ** 0.5,
+            "out_of_range_ids": "read row 0",
+        },
+        "kv_cache": kv_cache(spec),
+        "positions": "position_ids are the absolute 0-based positions of the new tokens (past length + i)",
+        "generation": {
+            "vocab_size": spec.vocab_size,
+            "bos_token_id": spec.bos_token_id,
+            "eos_token_ids": list(spec.eos_token_id),
+            "pad_token_id": spec.pad_token_id,
+            "final_logit_softcapping": spec.final_logit_softcapping,
+        },
+        "export_options": options,
+        "versions": _versions(),
+    }
+
+
+def write(bundle: Path, manifest: dict[str, Any]) -> None:
+    (bundle / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+
+
+def load(bundle: Path) -> dict[str, Any]:
+    from ple_export.errors import UserError
+
+    path = bundle / MANIFEST_FILE
+    if not path.is_file():
+        raise UserError(f"{bundle}: no {MANIFEST_FILE} (not a ple-export bundle, or an unfinished export)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise UserError(f"{path}: not a ple-export manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise UserError(f"{path}: format_version {manifest.get('format_version')} is not supported "
+                        f"(this ple-export reads {FORMAT_VERSION})")
+    return manifest

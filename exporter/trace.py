@@ -1,0 +1,127 @@
+"""Trace the re-authored modules to ONNX without materialising a single weight.
+
+The modules are built under `FakeTensorMode`, so tracing costs no memory for weights; the traced
+graphs come out with placeholder initializers named by our module names (`layers.3.attn.wq.weight`),
+which `exporter.layout` later binds to external data streamed from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from collections.abc import Iterator
+
+import onnx_ir as ir
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from exporter.gemma4 import Gemma4Decoder, PLEEmbedder
+from exporter.spec import Gemma4Spec
+
+OPSET = 18
+IR_VERSION = 10  # onnx 1.23 writes 14 by default; onnxruntime 1.31 loads at most 13
+
+
+def kv_input_names(spec: Gemma4Spec) -> list[str]:
+    return [f"past_{kv}.{i}" for i in spec.kv_layers for kv in ("key", "value")]
+
+
+def kv_output_names(spec: Gemma4Spec) -> list[str]:
+    return [f"present_{kv}.{i}" for i in spec.kv_layers for kv in ("key", "value")]
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """torch.onnx.export is chatty (warnings, progress prints); keep the CLI's stderr readable."""
+    sink = io.StringIO()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(sink):
+        warnings.simplefilter("ignore")
+        level = logging.getLogger("torch").level
+        logging.getLogger("torch").setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            logging.getLogger("torch").setLevel(level)
+
+
+def _finish(model: ir.Model, input_names: list[str], output_names: list[str], graph_name: str) -> ir.Model:
+    for value, name in zip(model.graph.inputs, input_names, strict=True):
+        value.name = name
+    for value, name in zip(model.graph.outputs, output_names, strict=True):
+        value.name = name
+    model.graph.name = graph_name
+    model.ir_version = IR_VERSION
+    model.producer_name = "ple-export"
+    model.producer_version = ""
+    _strip_metadata(model)
+    return model
+
+
+def _strip_metadata(model: ir.Model) -> None:
+    """Drop what the tracer records for debugging: per-node stack traces with absolute source paths,
+    fx names, symbol ids. They make the files depend on where the code is installed."""
+    model.doc_string = None
+    model.metadata_props.clear()
+    graph = model.graph
+    graph.doc_string = None
+    graph.metadata_props.clear()
+    for value in [*graph.inputs, *graph.initializers.values()]:
+        value.metadata_props.clear()
+    for node in ir.traversal.RecursiveGraphIterator(graph):
+        node.metadata_props.clear()
+        node.doc_string = None
+        for value in node.outputs:
+            value.metadata_props.clear()
+
+
+def trace_decoder(spec: Gemma4Spec) -> ir.Model:
+    """The decoder graph with dynamic batch, sequence and per-layer past lengths."""
+    with _quiet(), FakeTensorMode(allow_non_fake_inputs=True):
+        module = Gemma4Decoder(spec).eval()
+        b, s, p = 2, 5, 3
+        ids = torch.zeros(b, s, dtype=torch.int64)
+        per_layer_inputs = torch.zeros(b, s, spec.num_hidden_layers, spec.hidden_size_per_layer_input)
+        past = []
+        batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
+        past_shapes = []
+        for i in spec.kv_layers:
+            shape = (b, spec.layer_kv_heads(i), p, spec.layer_head_dim(i))
+            past += [torch.zeros(shape), torch.zeros(shape)]
+            # every KV layer gets its own past length: sliding layers stop at window - 1
+            past_len = torch.export.Dim(f"past_sequence_{i}")
+            past_shapes += [{0: batch, 2: past_len}, {0: batch, 2: past_len}]
+        dynamic_shapes = ({0: batch, 1: seq}, {0: batch, 1: seq}, {0: batch, 1: seq}, tuple(past_shapes))
+        program = torch.onnx.export(
+            module,
+            (ids, per_layer_inputs, ids.clone(), *past),
+            dynamo=True,
+            dynamic_shapes=dynamic_shapes,
+            opset_version=OPSET,
+            optimize=False,
+            verbose=False,
+        )
+    inputs = ["input_ids", "per_layer_inputs", "position_ids", *kv_input_names(spec)]
+    outputs = ["logits", *kv_output_names(spec)]
+    assert program is not None
+    return _finish(program.model, inputs, outputs, "decoder")
+
+
+def trace_embedder(spec: Gemma4Spec, table_dtype: torch.dtype) -> ir.Model:
+    """The lookup-only PLE embedder: input_ids -> per_layer_inputs."""
+    with _quiet(), FakeTensorMode(allow_non_fake_inputs=True):
+        module = PLEEmbedder(spec, table_dtype).eval()
+        ids = torch.zeros(2, 5, dtype=torch.int64)
+        batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
+        program = torch.onnx.export(
+            module,
+            (ids,),
+            dynamo=True,
+            dynamic_shapes=({0: batch, 1: seq},),
+            opset_version=OPSET,
+            optimize=False,
+            verbose=False,
+        )
+    assert program is not None
+    return _finish(program.model, ["input_ids"], ["per_layer_inputs"], "ple_embedder")

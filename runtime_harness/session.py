@@ -1,0 +1,118 @@
+"""Run a bundle with onnxruntime, reading nothing but manifest.json to wire it up.
+
+    ids -> embedder.onnx -> per_layer_inputs -+
+    ids, positions, past KV ------------------+-> decoder.onnx -> logits, present KV (fed back)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from exporter import manifest as manifest_mod
+from ple_export.errors import UserError
+
+_NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
+
+
+@dataclass
+class KVCache:
+    """Past keys/values by decoder input name, plus how many positions the sequence has consumed."""
+
+    tensors: dict[str, np.ndarray]
+    position: int = 0
+
+
+@dataclass
+class Generation:
+    tokens: list[list[int]]  # [B][new tokens]
+    step_logits: list[np.ndarray] = field(default_factory=list)  # prefill's last position, then each decode step
+
+
+class BundleSession:
+    def __init__(self, bundle: Path, threads: int = 0, graph_optimization: str = "all"):
+        self.bundle = Path(bundle)
+        self.manifest = manifest_mod.load(self.bundle)
+        graphs = self.manifest["graphs"]
+        levels = {
+            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        }
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = levels[graph_optimization]
+        opts.intra_op_num_threads = threads
+        opts.log_severity_level = 3
+        try:
+            self.embedder = ort.InferenceSession(
+                str(self.bundle / graphs["embedder"]["file"]), opts, providers=["CPUExecutionProvider"]
+            )
+            self.decoder = ort.InferenceSession(
+                str(self.bundle / graphs["decoder"]["file"]), opts, providers=["CPUExecutionProvider"]
+            )
+        except Exception as e:  # onnxruntime raises its own exception types
+            raise UserError(f"{self.bundle}: onnxruntime cannot load the bundle ({str(e).splitlines()[0]})") from None
+        self._dec_inputs = graphs["decoder"]["inputs"]
+        self._dec_outputs = graphs["decoder"]["outputs"]
+        # present_* output name -> past_* input name, matched by role and layer
+        past = {(d["role"].removeprefix("past_"), d["layer"]): d["name"] for d in self._dec_inputs
+                if d["role"] in ("past_key", "past_value")}
+        self._present_to_past = {d["name"]: past[(d["role"].removeprefix("present_"), d["layer"])]
+                                 for d in self._dec_outputs if d["role"] in ("present_key", "present_value")}
+        self.eos_ids = set(self.manifest["generation"]["eos_token_ids"])
+
+    def _by_role(self, role: str) -> str:
+        return next(d["name"] for d in self._dec_inputs if d["role"] == role)
+
+    def new_cache(self, batch: int) -> KVCache:
+        tensors = {}
+        for d in self._dec_inputs:
+            if d["role"] in ("past_key", "past_value"):
+                _, heads, _, head_dim = d["shape"]
+                tensors[d["name"]] = np.zeros((batch, heads, 0, head_dim), dtype=_NP_DTYPES[d["dtype"]])
+        return KVCache(tensors)
+
+    def per_layer_inputs(self, input_ids: np.ndarray) -> np.ndarray:
+        return self.embedder.run(None, {"input_ids": input_ids})[0]
+
+    def forward(self, input_ids: np.ndarray, cache: KVCache) -> np.ndarray:
+        """Run S new tokens [B, S] through the model; returns logits [B, S, V] and advances `cache`."""
+        input_ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        b, s = input_ids.shape
+        positions = np.broadcast_to(np.arange(cache.position, cache.position + s, dtype=np.int64), (b, s))
+        feeds: dict[str, Any] = {
+            self._by_role("input_ids"): input_ids,
+            self._by_role("per_layer_inputs"): self.per_layer_inputs(input_ids),
+            self._by_role("position_ids"): np.ascontiguousarray(positions),
+            **cache.tensors,
+        }
+        names = [d["name"] for d in self._dec_outputs]
+        outputs = dict(zip(names, self.decoder.run(names, feeds), strict=True))
+        cache.tensors = {self._present_to_past[n]: v for n, v in outputs.items() if n in self._present_to_past}
+        cache.position += s
+        return outputs[next(d["name"] for d in self._dec_outputs if d["role"] == "logits")]
+
+    def generate(self, prompt: np.ndarray, max_new_tokens: int, stop_at_eos: bool = True) -> Generation:
+        """Greedy decoding: one prefill call, then one call per new token."""
+        cache = self.new_cache(prompt.shape[0])
+        gen = Generation(tokens=[[] for _ in range(prompt.shape[0])])
+        for logits in self.stream_logits(prompt, max_new_tokens, cache):
+            gen.step_logits.append(logits)
+            nxt = logits.argmax(-1)
+            for row, tok in zip(gen.tokens, nxt, strict=True):
+                row.append(int(tok))
+            if stop_at_eos and all(row[-1] in self.eos_ids for row in gen.tokens):
+                break
+        return gen
+
+    def stream_logits(self, prompt: np.ndarray, max_new_tokens: int, cache: KVCache) -> Iterator[np.ndarray]:
+        logits = self.forward(prompt, cache)[:, -1]
+        for step in range(max_new_tokens):
+            yield logits
+            if step + 1 < max_new_tokens:
+                logits = self.forward(logits.argmax(-1)[:, None], cache)[:, -1]

@@ -1,0 +1,48 @@
+"""Shared fixtures: synthetic checkpoints in real HF format and bundles exported from them."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run from a checkout without `pip install -e`
+    sys.path.insert(0, str(ROOT))
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from exporter.spec import Gemma4Spec, get_preset  # noqa: E402
+
+# Parity variants named by the issue: the tiny preset; double-wide MLP + K=V attention; softcap off
+# (that one also has no KV sharing, so every layer owns its cache).
+VARIANTS: dict[str, Gemma4Spec] = {
+    "tiny": get_preset("tiny"),
+    "kv_eq": get_preset("tiny").replace(attention_k_eq_v=True, num_global_key_value_heads=2,
+                                        use_double_wide_mlp=True),
+    "nocap": get_preset("tiny").replace(final_logit_softcapping=None, num_kv_shared_layers=0,
+                                        use_double_wide_mlp=False, num_key_value_heads=2),
+}
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from exporter.synth import synth_checkpoint
+
+    root = tmp_path_factory.mktemp("checkpoints")
+    out = {}
+    for name, spec in VARIANTS.items():
+        # sharded on purpose: the loader must follow model.safetensors.index.json
+        out[name] = synth_checkpoint(spec, root / name, max_shard_bytes=400_000, seed=1)
+    return out
+
+
+@pytest.fixture(scope="session")
+def bundles(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from exporter.export import export_bundle
+
+    root = tmp_path_factory.mktemp("bundles")
+    return {name: export_bundle(ckpt, root / name).out_dir for name, ckpt in checkpoints.items()}
