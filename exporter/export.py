@@ -4,16 +4,13 @@
 
 Weights are streamed tensor by tensor (big ones in row chunks) from the safetensors shards into the
 bundle's data files; nothing holds the whole model. The bundle is assembled in a sibling temp folder
-and renamed into place only when complete, so a failed or interrupted export leaves nothing that
-looks like a bundle.
+and renamed into place only when complete (`ple_export.outdir`), so a failed or interrupted export
+leaves nothing that looks like a bundle.
 """
 
 from __future__ import annotations
 
-import errno
-import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -32,6 +29,7 @@ from exporter.trace import trace_decoder, trace_embedder
 from exporter.weights import map_checkpoint
 from graphs.tied_lm_head import TiedLmHeadToGemm
 from ple_export.errors import UserError
+from ple_export.outdir import staged_output
 
 EMBEDDER_FILE = "embedder.onnx"
 PLE_TABLE_FILE = "ple_table.data"
@@ -90,18 +88,6 @@ def read_checkpoint(path: Path) -> Checkpoint:
     if unsupported:
         raise UserError(f"{path}: unsupported weight dtype(s) {sorted(unsupported)} (bf16, fp16, fp32 only)")
     return Checkpoint(path, spec, tensors, mapping)
-
-
-def _check_output(out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"{out_dir}: exists and is not a directory")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise UserError(f"{out_dir}: exists and is not empty (pass --overwrite to replace it)")
-    parent = out_dir.resolve().parent
-    if not parent.is_dir():
-        raise UserError(f"{parent}: parent folder of the output does not exist")
-    if not os.access(parent, os.W_OK):
-        raise UserError(f"{parent}: not writable")
 
 
 def _fp32_chunks(info: TensorInfo) -> Iterator[np.ndarray]:
@@ -173,14 +159,11 @@ def export_bundle(
     t0 = time.perf_counter()
     opts.validate()
     ckpt = read_checkpoint(checkpoint)
-    _check_output(out_dir, opts.overwrite)
     ple_source = _SAFETENSORS_TO_OURS[ckpt.info("ple_table").dtype]
     ple_dtype = ple_source if opts.ple_dtype == "checkpoint" else opts.ple_dtype
     report = progress or (lambda stage, n, total: None)
 
-    out_dir = out_dir.resolve()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    try:
+    with staged_output(out_dir, opts.overwrite) as tmp:
         hashes: dict[str, str] = {}  # data files, hashed while written
         _write_embedder(ckpt, tmp, ple_dtype, opts, report, hashes)
         _write_decoder(ckpt, tmp, opts, report, hashes)
@@ -191,33 +174,4 @@ def export_bundle(
         del options["overwrite"]  # how the folder was replaced is not a property of the bundle
         manifest = manifest_mod.build(tmp, ckpt.spec, ckpt, ple_dtype, options, hashes)
         manifest_mod.write(tmp, manifest)  # last: a folder without manifest.json is not a bundle
-        _commit(tmp, out_dir)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if e.errno == errno.ENOSPC:
-            raise UserError(f"{out_dir.parent}: no space left on device while writing the bundle") from None
-        raise UserError(f"{e.filename or out_dir}: {e.strerror or e}") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return ExportResult(out_dir, manifest, time.perf_counter() - t0)
-
-
-def _commit(tmp: Path, out_dir: Path) -> None:
-    """Move the finished bundle into place; an old one (with --overwrite) goes only after that."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it private
-    old = None
-    if out_dir.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-        os.rename(out_dir, old / "bundle")
-    try:
-        os.rename(tmp, out_dir)
-    except BaseException:
-        if old is not None:
-            os.rename(old / "bundle", out_dir)
-            old.rmdir()
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    return ExportResult(out_dir.absolute(), manifest, time.perf_counter() - t0)

@@ -46,8 +46,6 @@ class DataFileWriter:
         self._file.write(data)
         self._sha.update(data)
         self._pos += len(data)
-        if self._progress:
-            self._progress(len(data))
 
     def _pad_to(self, alignment: int) -> None:
         pad = -self._pos % alignment
@@ -61,6 +59,8 @@ class DataFileWriter:
         for chunk in chunks:
             data = chunk if isinstance(chunk, bytes) else memoryview(np.ascontiguousarray(chunk).reshape(-1).view(np.uint8))
             self._write(data)
+            if self._progress:
+                self._progress(len(data))
         written = self._pos - start
         if written != nbytes:
             raise RuntimeError(f"{name}: wrote {written} bytes, expected {nbytes}")

@@ -28,6 +28,7 @@ from exporter.safetensors_io import SafetensorsWriter
 from exporter.spec import Gemma4Spec
 from exporter.weights import hf_weight_shapes
 from ple_export.errors import UserError
+from ple_export.outdir import staged_output
 
 # CLI dtype -> (safetensors code, HF torch_dtype name, numpy dtype)
 DTYPES: dict[str, tuple[str, str, Any]] = {
@@ -175,3 +176,21 @@ def synth_checkpoint(
             for _, fut in pending:
                 fut.cancel()
     return out_dir
+
+
+def synth_to_folder(
+    spec: Gemma4Spec,
+    out_dir: Path,
+    dtype: str = "bf16",
+    seed: int = 0,
+    max_shard_bytes: int = 2 << 30,
+    overwrite: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """`synth_checkpoint` into a folder that is complete or absent; `progress(advance, total)`."""
+    total = synth_total_bytes(spec, dtype)
+    report = (lambda n: progress(n, total)) if progress else None
+    with staged_output(Path(out_dir), overwrite) as tmp:
+        synth_checkpoint(spec, tmp, dtype, seed, max_shard_bytes, report)
+    return {"path": str(Path(out_dir).absolute()), "bytes": total, "num_parameters": spec.num_parameters(),
+            "dtype": dtype, "seed": seed}

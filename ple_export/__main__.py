@@ -1,0 +1,3 @@
+from ple_export.cli import main
+
+main()

@@ -1,0 +1,282 @@
+"""`ple-export`: a thin typer layer. Flags map onto the config dataclasses; the work lives in
+exporter/ and runtime_harness/. Errors a user can fix print one line and exit 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+from ple_export.errors import UserError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Export Per-Layer-Embedding language models (Gemma 4) to split ONNX bundles: "
+    "the PLE table in a flash file, the decoder in DRAM.",
+)
+err = Console(stderr=True)
+out = Console()
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def _fail(message: str, code: int = EXIT_USER_ERROR) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+@contextmanager
+def _user_errors() -> Iterator[None]:
+    try:
+        yield
+    except UserError as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        _fail("interrupted; nothing was left behind", EXIT_INTERRUPTED)
+
+
+@contextmanager
+def _progress(enabled: bool) -> Iterator[Callable[[str, int, int], None]]:
+    """A byte-counting progress bar per stage on stderr; silent when disabled or not a terminal."""
+    if not enabled:
+        yield lambda stage, n, total: None
+        return
+    bars = Progress(
+        TextColumn("{task.description:>12}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+        TimeRemainingColumn(), console=err, transient=False,
+    )
+    tasks: dict[str, Any] = {}
+
+    def update(stage: str, n: int, total: int) -> None:
+        if stage not in tasks:
+            tasks[stage] = bars.add_task(stage, total=total)
+        bars.advance(tasks[stage], n)
+
+    with bars:
+        yield update
+
+
+def _emit(payload: dict[str, Any], as_json: bool, human: Callable[[], None]) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(payload, indent=2) + "\n")
+    else:
+        human()
+
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON result on stdout.")]
+QuietFlag = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+
+
+@app.command()
+def synth(
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the checkpoint.")],
+    preset: Annotated[str, typer.Option(help="tiny | e2b | e4b")] = "tiny",
+    dtype: Annotated[str, typer.Option(help="bf16 | fp16 | fp32")] = "bf16",
+    seed: Annotated[int, typer.Option(help="Random seed; same seed, same bytes.")] = 0,
+    shard_size: Annotated[str, typer.Option(help="Maximum shard size, e.g. 2GB, 500MB.")] = "2GB",
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output folder.")] = False,
+    as_json: JsonFlag = False,
+    quiet: QuietFlag = False,
+) -> None:
+    """Write a synthetic Gemma 4 checkpoint in real HF format (random, well-conditioned weights)."""
+    with _user_errors():
+        from exporter.spec import get_preset
+        from exporter.synth import synth_to_folder
+
+        spec = get_preset(preset)
+        with _progress(not quiet and not as_json) as progress:
+            result = synth_to_folder(spec, output, dtype, seed, _parse_size(shard_size), overwrite,
+                                     lambda n, total: progress("synth", n, total))
+        _emit(result, as_json, lambda: out.print(
+            f"wrote {result['num_parameters'] / 1e6:,.1f}M-parameter {preset} checkpoint "
+            f"({_human(result['bytes'])}) to {result['path']}"))
+
+
+@app.command()
+def export(
+    checkpoint: Annotated[Path, typer.Argument(help="HF checkpoint folder (config.json + safetensors).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Bundle folder to create.")],
+    page_size: Annotated[int, typer.Option(help="Alignment of large tensors and the PLE table, bytes.")] = 16384,
+    ple_dtype: Annotated[str, typer.Option(help="checkpoint | bf16 | fp16 | fp32")] = "checkpoint",
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output folder.")] = False,
+    as_json: JsonFlag = False,
+    quiet: QuietFlag = False,
+) -> None:
+    """Export a checkpoint to a bundle: embedder.onnx + ple_table.data (flash), decoder.onnx + decoder.data (DRAM)."""
+    with _user_errors():
+        from exporter.export import ExportOptions, export_bundle
+
+        opts = ExportOptions(page_size=page_size, ple_dtype=ple_dtype, overwrite=overwrite)
+        with _progress(not quiet and not as_json) as progress:
+            result = export_bundle(checkpoint, output, opts, progress)
+        summary = _bundle_summary(result.out_dir, result.manifest) | {"seconds": round(result.seconds, 2)}
+        _emit(summary, as_json, lambda: _print_summary(summary, f"exported in {result.seconds:.1f} s"))
+
+
+@app.command()
+def inspect(
+    bundle: Annotated[Path, typer.Argument(help="Bundle folder.")],
+    verify: Annotated[bool, typer.Option(help="Also check every file's size and sha256.")] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """What went where, in bytes: flash vs DRAM, the PLE table's bytes and pages per token."""
+    with _user_errors():
+        from exporter import manifest as manifest_mod
+
+        manifest = manifest_mod.load(bundle)
+        summary = _bundle_summary(bundle, manifest)
+        if verify:
+            summary["verify"] = _verify(bundle, manifest)
+        _emit(summary, as_json, lambda: _print_summary(summary, None))
+        if verify and summary["verify"]["problems"]:
+            _fail(f"{bundle}: {summary['verify']['problems'][0]}")
+
+
+@app.command()
+def demo(
+    output: Annotated[Path, typer.Argument(help="Working folder: checkpoint/ and bundle/ go inside.")] = Path("ple-demo"),
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing demo folder's contents.")] = False,
+    as_json: JsonFlag = False,
+    quiet: QuietFlag = False,
+) -> None:
+    """The embedded default end to end: synth the tiny model, export it, inspect it, run it."""
+    with _user_errors():
+        from exporter.export import ExportOptions, export_bundle
+        from exporter.spec import get_preset
+        from exporter.synth import synth_to_folder
+        from runtime_harness.session import BundleSession
+
+        ckpt_dir, bundle_dir = output / "checkpoint", output / "bundle"
+        for d in (ckpt_dir, bundle_dir):
+            if d.exists() and any(d.iterdir()) and not overwrite:
+                raise UserError(f"{d}: exists and is not empty (pass --overwrite to replace it)")
+        output.mkdir(parents=True, exist_ok=True)
+        spec = get_preset("tiny")
+        with _progress(not quiet and not as_json) as progress:
+            synth_to_folder(spec, ckpt_dir, overwrite=overwrite, progress=lambda n, t: progress("synth", n, t))
+            result = export_bundle(ckpt_dir, bundle_dir, ExportOptions(overwrite=overwrite), progress)
+        session = BundleSession(bundle_dir)
+        import numpy as np
+
+        prompt = np.array([[2, 17, 42, 99, 7, 300, 12, 5, 64, 128, 256, 1]], dtype=np.int64) % spec.vocab_size
+        gen = session.generate(prompt, max_new_tokens=16, stop_at_eos=False)
+        summary = _bundle_summary(bundle_dir, result.manifest) | {
+            "checkpoint": str(ckpt_dir),
+            "seconds": round(result.seconds, 2),
+            "generation": {"prompt": prompt[0].tolist(), "greedy_tokens": gen.tokens[0]},
+        }
+
+        def human() -> None:
+            _print_summary(summary, f"exported in {result.seconds:.1f} s")
+            out.print(f"greedy run with onnxruntime: prompt {prompt[0].tolist()} -> {gen.tokens[0]}")
+            out.print("next: `ple-export inspect --verify` on the bundle; run `pytest` for parity vs transformers")
+
+        _emit(summary, as_json, human)
+
+
+# ---- helpers -------------------------------------------------------------------------------------
+
+def _parse_size(text: str) -> int:
+    units = {"KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "B": 1}
+    t = text.strip().upper()
+    for unit in sorted(units, key=len, reverse=True):
+        if t.endswith(unit):
+            t, mult = t[: -len(unit)], units[unit]
+            break
+    else:
+        mult = 1
+    try:
+        value = int(float(t) * mult)
+    except ValueError:
+        raise UserError(f"cannot read size {text!r} (examples: 2GB, 500MB, 1048576)") from None
+    if value <= 0:
+        raise UserError(f"size must be positive, got {text!r}")
+    return value
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _bundle_summary(bundle: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    files = manifest["files"]
+    by_place: dict[str, int] = {}
+    for f in files:
+        by_place[f["placement"]] = by_place.get(f["placement"], 0) + f["bytes"]
+    ple = manifest["ple"]
+    spec = manifest["model"]["spec"]
+    return {
+        "bundle": str(bundle),
+        "model": {"family": manifest["model"]["family"], "num_parameters": manifest["model"]["num_parameters"],
+                  "layers": spec["num_hidden_layers"], "hidden_size": spec["hidden_size"],
+                  "kv_layers": [entry["layer"] for entry in manifest["kv_cache"]["layers"]]},
+        "bytes": {"flash": by_place.get("flash", 0), "dram": by_place.get("dram", 0),
+                  "other": by_place.get("none", 0)},
+        "ple": {"dtype": ple["dtype"], "rows": ple["rows"], "row_bytes": ple["row_bytes"],
+                "page_size": ple["page_size"], "pages_per_token": ple["pages_per_token"]},
+        "files": [{k: f[k] for k in ("path", "bytes", "placement", "role")} for f in files],
+    }
+
+
+def _print_summary(summary: dict[str, Any], headline: str | None) -> None:
+    if headline:
+        out.print(f"[green]{headline}[/]: {summary['bundle']}")
+    table = Table(title=None, show_edge=False)
+    for col in ("file", "placement", "role", "bytes"):
+        table.add_column(col, justify="right" if col == "bytes" else "left")
+    for f in summary["files"]:
+        table.add_row(f["path"], f["placement"], f["role"], _human(f["bytes"]))
+    out.print(table)
+    b, ple, m = summary["bytes"], summary["ple"], summary["model"]
+    out.print(f"flash {_human(b['flash'])} | DRAM {_human(b['dram'])} | "
+              f"{m['num_parameters'] / 1e6:,.1f}M parameters, {m['layers']} layers, "
+              f"KV cache in {len(m['kv_layers'])} layers")
+    out.print(f"PLE table: {ple['rows']:,} rows x {ple['row_bytes']:,} B ({ple['dtype']}); "
+              f"{ple['pages_per_token']} page(s) of {ple['page_size'] // 1024} KiB per token")
+    if "verify" in summary:
+        v = summary["verify"]
+        out.print("[green]verified[/]: sizes and sha256 match" if not v["problems"]
+                  else f"[red]{len(v['problems'])} problem(s)[/]")
+
+
+def _verify(bundle: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    from exporter.manifest import sha256_file
+
+    problems = []
+    for f in manifest["files"]:
+        path = bundle / f["path"]
+        if not path.is_file():
+            problems.append(f"{f['path']} is missing")
+        elif path.stat().st_size != f["bytes"]:
+            problems.append(f"{f['path']} has {path.stat().st_size} bytes, manifest says {f['bytes']}")
+        elif sha256_file(path) != f["sha256"]:
+            problems.append(f"{f['path']} sha256 differs from the manifest")
+    return {"checked": len(manifest["files"]), "problems": problems}
+
+
+def main() -> None:  # pragma: no cover - console entry for `python -m ple_export`
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+    app()

@@ -1,0 +1,68 @@
+"""Output folders that are either complete or absent.
+
+Work happens in a hidden sibling temp folder; only a finished result is renamed into place. An
+existing non-empty folder is refused unless `overwrite`, and even then replaced only after the new
+one is complete. A failure, a full disk or Ctrl-C leaves the old folder (if any) untouched.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from ple_export.errors import UserError
+
+
+def check_output(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"{out_dir}: exists and is not a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise UserError(f"{out_dir}: exists and is not empty (pass --overwrite to replace it)")
+    parent = out_dir.absolute().parent
+    if not parent.is_dir():
+        raise UserError(f"{parent}: parent folder of the output does not exist")
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"{parent}: not writable")
+
+
+@contextmanager
+def staged_output(out_dir: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield a temp folder beside `out_dir`; on success it becomes `out_dir`."""
+    check_output(out_dir, overwrite)
+    out_dir = out_dir.absolute()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        yield tmp
+        _commit(tmp, out_dir)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno == errno.ENOSPC:
+            raise UserError(f"{out_dir.parent}: no space left on device; nothing was written") from None
+        raise UserError(f"{e.filename or out_dir}: {e.strerror or e}") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _commit(tmp: Path, out_dir: Path) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it private
+    old = None
+    if out_dir.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        os.rename(out_dir, old / "previous")
+    try:
+        os.rename(tmp, out_dir)
+    except BaseException:
+        if old is not None:
+            os.rename(old / "previous", out_dir)
+            old.rmdir()
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
