@@ -195,6 +195,7 @@ class Gemma4Spec:
             eos = cfg.get("eos_token_id", 1)
             eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
             ple_width = cfg.get("hidden_size_per_layer_input", 256)
+            full_head_dim, full_kv_heads = _full_layer_overrides(cfg, layer_types)
             head_dim = int(cfg.get("head_dim", 256))
             softcap = cfg.get("final_logit_softcapping")
             spec = cls(
@@ -205,15 +206,13 @@ class Gemma4Spec:
                 num_attention_heads=int(req("num_attention_heads")),
                 num_key_value_heads=int(req("num_key_value_heads")),
                 head_dim=head_dim,
-                global_head_dim=int(cfg.get("global_head_dim", 512) or head_dim),
+                global_head_dim=int(full_head_dim or head_dim),
                 layer_types=tuple(layer_types),
                 sliding_window=int(cfg.get("sliding_window", 512)),
                 vocab_size_per_layer_input=int(cfg.get("vocab_size_per_layer_input", 262_144)),
                 hidden_size_per_layer_input=int(ple_width or 0),
                 num_kv_shared_layers=int(cfg.get("num_kv_shared_layers", 0) or 0),
-                num_global_key_value_heads=(
-                    int(cfg["num_global_key_value_heads"]) if cfg.get("num_global_key_value_heads") else None
-                ),
+                num_global_key_value_heads=int(full_kv_heads) if full_kv_heads else None,
                 attention_k_eq_v=bool(cfg.get("attention_k_eq_v", False)),
                 use_double_wide_mlp=bool(cfg.get("use_double_wide_mlp", False)),
                 final_logit_softcapping=float(softcap) if softcap is not None else None,
@@ -298,6 +297,28 @@ class Gemma4Spec:
         from exporter.weights import hf_weight_shapes  # local: avoid an import cycle
 
         return sum(math.prod(s) for s in hf_weight_shapes(self).values())
+
+
+def _full_layer_overrides(cfg: dict[str, Any], layer_types: list[str]) -> tuple[int | None, int | None]:
+    """head_dim and KV heads of full layers. Hub configs say `global_head_dim` /
+    `num_global_key_value_heads`; transformers 5.23's `save_pretrained` writes them only as
+    `per_layer_config` overrides ({"layer index": {"head_dim": ..}}), so read both."""
+    head_dim = cfg.get("global_head_dim")
+    kv_heads = cfg.get("num_global_key_value_heads")
+    per_layer = cfg.get("per_layer_config")
+    if isinstance(per_layer, dict):
+        full = [v for k, v in per_layer.items()
+                if str(k).isdigit() and int(k) < len(layer_types) and layer_types[int(k)] == FULL
+                and isinstance(v, dict)]
+        dims = {v["head_dim"] for v in full if "head_dim" in v}
+        heads = {v["num_key_value_heads"] for v in full if "num_key_value_heads" in v}
+        if len(dims) > 1 or len(heads) > 1:
+            raise UserError("config.json: per_layer_config gives full layers different head_dim/KV heads")
+        head_dim = head_dim or (dims.pop() if dims else None)
+        kv_heads = kv_heads or (heads.pop() if heads else None)
+    if head_dim is None and "per_layer_config" not in cfg:
+        head_dim = 512  # transformers' default global_head_dim
+    return head_dim, kv_heads
 
 
 _ROPE_DEFAULT = {

@@ -1,8 +1,9 @@
-"""Rewrite `MatMul(x, Transpose(W))` over an initializer `W` into `Gemm(x, W, transB=1)`.
+"""Rewrite `MatMul(x, Transpose(W))` over a tied initializer `W` into `Gemm(x, W, transB=1)`.
 
 The tied LM head reuses the token embedding `[V, H]`. Traced, it becomes a Transpose of that
 initializer feeding a MatMul; onnxruntime constant-folds the Transpose at load, which puts a
-second, transposed copy of the largest decoder tensor in DRAM. Gemm reads `W` as stored:
+second, transposed copy of the largest decoder tensor in DRAM (the Gather still needs the
+original). Gemm reads `W` as stored. Untied weights (W used by the Transpose only) are left alone.
 
     x [.., H] -> Reshape [-1, H] -> Gemm(transB=1) with W [V, H] -> [-1, V] -> Reshape [.., V]
 """
@@ -30,6 +31,8 @@ class TiedLmHeadToGemm(InPlacePass):
             perm = transpose.attributes.get("perm")
             if weight is None or not weight.is_initializer() or perm is None or list(perm.as_ints()) != [1, 0]:
                 continue
+            if all(use.node is transpose for use in weight.uses()):
+                continue  # not tied: folding this Transpose at load costs time, not a second copy
             transposed = transpose.outputs[0]
             uses = list(transposed.uses())
             if not uses or any(u.node.op_type != "MatMul" or u.idx != 1 for u in uses):

@@ -1,0 +1,142 @@
+"""The bundle on disk: layout, manifest, determinism, and that the PLE table is mapped, not copied."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import onnx
+import pytest
+
+from exporter.export import ExportOptions, export_bundle
+from exporter.synth import synth_checkpoint
+from tests.conftest import ROOT, VARIANTS
+
+
+def _load_proto(path: Path) -> onnx.ModelProto:
+    return onnx.load(str(path), load_external_data=False)
+
+
+def _external(tensor: onnx.TensorProto) -> dict[str, str]:
+    return {e.key: e.value for e in tensor.external_data}
+
+
+def test_manifest_describes_every_file(bundles: dict[str, Path]) -> None:
+    bundle = bundles["tiny"]
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    on_disk = {p.name for p in bundle.iterdir()} - {"manifest.json"}
+    assert {f["path"] for f in manifest["files"]} == on_disk
+    for f in manifest["files"]:
+        data = (bundle / f["path"]).read_bytes()
+        assert f["bytes"] == len(data)
+        assert f["sha256"] == hashlib.sha256(data).hexdigest()
+    placement = {f["path"]: f["placement"] for f in manifest["files"]}
+    assert placement["ple_table.data"] == "flash" and placement["embedder.onnx"] == "flash"
+    assert placement["decoder.data"] == "dram" and placement["decoder.onnx"] == "dram"
+
+
+@pytest.mark.parametrize("graph", ["embedder", "decoder"])
+def test_manifest_io_matches_the_graphs(bundles: dict[str, Path], graph: str) -> None:
+    bundle = bundles["kv_eq"]
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    entry = manifest["graphs"][graph]
+    proto = _load_proto(bundle / entry["file"])
+    assert proto.ir_version == manifest["onnx"]["ir_version"] <= 13  # onnxruntime 1.31 loads <= 13
+    assert [i.name for i in proto.graph.input] == [d["name"] for d in entry["inputs"]]
+    assert [o.name for o in proto.graph.output] == [d["name"] for d in entry["outputs"]]
+    for value, desc in zip(proto.graph.input, entry["inputs"], strict=True):
+        dims = value.type.tensor_type.shape.dim
+        assert len(dims) == len(desc["shape"])
+        for dim, want in zip(dims, desc["shape"], strict=True):
+            assert (dim.dim_value == want) if isinstance(want, int) else (dim.dim_param != "")
+
+
+def test_kv_cache_only_for_kv_owning_layers(bundles: dict[str, Path]) -> None:
+    spec = VARIANTS["tiny"]
+    manifest = json.loads((bundles["tiny"] / "manifest.json").read_text())
+    past = [d for d in manifest["graphs"]["decoder"]["inputs"] if d["role"] in ("past_key", "past_value")]
+    assert sorted({d["layer"] for d in past}) == spec.kv_layers == [0, 1, 2, 3]
+    shared = {e["layer"]: e["shared_by"] for e in manifest["kv_cache"]["layers"]}
+    assert shared == {0: [], 1: [], 2: [5], 3: [4]}  # layer 4 (sliding) reads 3's KV, 5 (full) reads 2's
+
+
+def test_ple_table_has_its_own_page_aligned_file(bundles: dict[str, Path]) -> None:
+    bundle = bundles["tiny"]
+    spec = VARIANTS["tiny"]
+    table = _load_proto(bundle / "embedder.onnx").graph.initializer
+    assert [t.name for t in table] == ["ple_table"]
+    ext = _external(table[0])
+    assert ext["location"] == "ple_table.data" and int(ext.get("offset", 0)) == 0
+    assert table[0].data_type == onnx.TensorProto.BFLOAT16  # the checkpoint's dtype
+    assert int(ext["length"]) == spec.vocab_size_per_layer_input * spec.ple_dim * 2
+    decoder = _load_proto(bundle / "decoder.onnx")
+    assert all(_external(t)["location"] == "decoder.data" for t in decoder.graph.initializer)
+    page = json.loads((bundle / "manifest.json").read_text())["ple"]["page_size"]
+    for t in decoder.graph.initializer:
+        e = _external(t)
+        if int(e["length"]) >= page:
+            assert int(e["offset"]) % page == 0, t.name
+
+
+def test_tied_embedding_stored_once(bundles: dict[str, Path]) -> None:
+    spec = VARIANTS["tiny"]
+    decoder = _load_proto(bundles["tiny"] / "decoder.onnx")
+    big = [t.name for t in decoder.graph.initializer if list(t.dims) in ([spec.vocab_size, spec.hidden_size],
+                                                                         [spec.hidden_size, spec.vocab_size])]
+    assert big == ["embed.weight"]
+    users = [n.op_type for n in decoder.graph.node if "embed.weight" in n.input]
+    assert sorted(users) == ["Gather", "Gemm"]
+
+
+def test_same_input_same_bytes(checkpoints: dict[str, Path], bundles: dict[str, Path], tmp_path: Path) -> None:
+    again = export_bundle(checkpoints["tiny"], tmp_path / "again").out_dir
+    first = bundles["tiny"]
+    names = sorted(p.name for p in first.iterdir())
+    assert names == sorted(p.name for p in again.iterdir())
+    for name in names:
+        assert (first / name).read_bytes() == (again / name).read_bytes(), name
+
+
+def test_ple_dtype_option_converts_the_table(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    out = export_bundle(checkpoints["tiny"], tmp_path / "fp32", ExportOptions(ple_dtype="fp32", page_size=4096))
+    table = _load_proto(out.out_dir / "embedder.onnx").graph.initializer[0]
+    assert table.data_type == onnx.TensorProto.FLOAT
+    assert out.manifest["ple"]["row_bytes"] == VARIANTS["tiny"].ple_dim * 4
+    assert out.manifest["export_options"]["page_size"] == 4096
+
+
+_RSS_PROBE = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    import onnxruntime as ort
+
+    def rss():
+        fields = dict(line.split(":", 1) for line in open("/proc/self/status"))
+        return {k: int(fields[k].split()[0]) * 1024 for k in ("RssAnon", "RssFile")}
+
+    before = rss()
+    sess = ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
+    loaded = rss()
+    rng = np.random.default_rng(0)
+    for _ in range(64):
+        sess.run(None, {"input_ids": rng.integers(0, int(sys.argv[2]), (1, 1))})
+    after = rss()
+    print(json.dumps({"before": before, "loaded": loaded, "after": after}))
+""")
+
+
+def test_onnxruntime_maps_the_ple_table_instead_of_copying_it(tmp_path: Path) -> None:
+    # a 192 MiB bf16 table (65536 rows x 6 layers x 256); the decoder stays tiny
+    spec = VARIANTS["tiny"].replace(vocab_size_per_layer_input=65536, hidden_size_per_layer_input=256)
+    bundle = export_bundle(synth_checkpoint(spec, tmp_path / "ckpt"), tmp_path / "bundle").out_dir
+    table_bytes = (bundle / "ple_table.data").stat().st_size
+    assert table_bytes == 65536 * 6 * 256 * 2
+    probe = subprocess.run([sys.executable, "-c", _RSS_PROBE, str(bundle / "embedder.onnx"), "65536"],
+                           capture_output=True, text=True, check=True, cwd=ROOT)
+    rss = json.loads(probe.stdout)
+    anon_growth = rss["after"]["RssAnon"] - rss["before"]["RssAnon"]
+    assert anon_growth < table_bytes / 10, f"anonymous RSS grew {anon_growth / 2**20:.1f} MiB: table copied?"
