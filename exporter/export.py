@@ -35,8 +35,14 @@ EMBEDDER_FILE = "embedder.onnx"
 PLE_TABLE_FILE = "ple_table.data"
 DECODER_FILE = "decoder.onnx"
 DECODER_DATA_FILE = "decoder.data"
-COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "tokenizer.model",
-                "special_tokens_map.json", "chat_template.jinja")
+COPIED_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "generation_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+)
 PLE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _SAFETENSORS_TO_OURS = {"BF16": "bf16", "F16": "fp16", "F32": "fp32"}
 CHUNK_BYTES = 64 << 20
@@ -53,7 +59,9 @@ class ExportOptions:
         if self.page_size < 4096 or self.page_size & (self.page_size - 1):
             raise UserError(f"--page-size must be a power of two >= 4096, got {self.page_size}")
         if self.ple_dtype != "checkpoint" and self.ple_dtype not in PLE_DTYPES:
-            raise UserError(f"--ple-dtype must be one of checkpoint, {', '.join(PLE_DTYPES)}; got {self.ple_dtype!r}")
+            raise UserError(
+                f"--ple-dtype must be one of checkpoint, {', '.join(PLE_DTYPES)}; got {self.ple_dtype!r}"
+            )
         if self.decoder_dtype != "fp32":
             raise UserError(f"--decoder-dtype {self.decoder_dtype!r} is not supported yet (fp32 only)")
 
@@ -103,17 +111,29 @@ def _ple_chunks(info: TensorInfo, target: str) -> Iterator[np.ndarray]:
             yield read_rows(info, start, stop, "raw")
         else:
             rows = read_rows(info, start, stop, "float32")
-            yield torch.from_numpy(rows).to(PLE_DTYPES[target]).view(torch.uint16 if target != "fp32" else torch.float32).numpy()
+            yield (
+                torch.from_numpy(rows)
+                .to(PLE_DTYPES[target])
+                .view(torch.uint16 if target != "fp32" else torch.float32)
+                .numpy()
+            )
 
 
 def _write_embedder(
-    ckpt: Checkpoint, tmp: Path, ple_dtype: str, opts: ExportOptions, progress: Progress, hashes: dict[str, str]
+    ckpt: Checkpoint,
+    tmp: Path,
+    ple_dtype: str,
+    opts: ExportOptions,
+    progress: Progress,
+    hashes: dict[str, str],
 ) -> None:
     model = trace_embedder(ckpt.spec, PLE_DTYPES[ple_dtype])
     table = model.graph.initializers["ple_table"]
     info = ckpt.info("ple_table")
     nbytes = tensor_nbytes(table)
-    with DataFileWriter(tmp / PLE_TABLE_FILE, opts.page_size, lambda n: progress("ple_table", n, nbytes)) as w:
+    with DataFileWriter(
+        tmp / PLE_TABLE_FILE, opts.page_size, lambda n: progress("ple_table", n, nbytes)
+    ) as w:
         placement = w.add("ple_table", nbytes, _ple_chunks(info, ple_dtype))
         hashes[PLE_TABLE_FILE] = w.close()[1]
     assert placement.offset == 0  # the table starts the file: page-aligned for mmap
@@ -129,7 +149,9 @@ def _write_decoder(
     computed = {k: v.numpy() for k, v in rope_buffers(ckpt.spec).items()}
     inits = list(model.graph.initializers.values())
     total = sum(tensor_nbytes(v) for v in inits)
-    with DataFileWriter(tmp / DECODER_DATA_FILE, opts.page_size, lambda n: progress("decoder", n, total)) as w:
+    with DataFileWriter(
+        tmp / DECODER_DATA_FILE, opts.page_size, lambda n: progress("decoder", n, total)
+    ) as w:
         for value in inits:
             name = value.name
             assert name is not None
@@ -137,9 +159,8 @@ def _write_decoder(
                 chunks: Iterator[np.ndarray] = iter([computed[name].astype(np.float32)])
             elif name in ckpt.mapping:
                 info = ckpt.info(name)
-                if tuple(info.shape) != tuple(int(d) for d in value.shape or ()):
-                    raise UserError(f"tensor {info.name} has shape {list(info.shape)}, the graph expects "
-                                    f"{list(value.shape or ())}")
+                if value.shape is None or tuple(info.shape) != value.shape.numpy():  # a bug, not bad input
+                    raise RuntimeError(f"{name}: checkpoint shape {info.shape} != graph shape {value.shape}")
                 chunks = _fp32_chunks(info)
             else:  # a parameter of ours with no source: a bug, not bad input
                 raise RuntimeError(f"decoder initializer {name} has no source tensor")

@@ -84,7 +84,9 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, spec.rms_norm_eps)
             self.v_norm = RMSNorm(self.head_dim, spec.rms_norm_eps, with_scale=False)
 
-    def new_kv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def new_kv(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of the new tokens, [B, kv_heads, S, hd] each."""
         b, s, _ = x.shape
         k = self.wk(x).view(b, s, self.n_kv_heads, self.head_dim)
@@ -209,7 +211,9 @@ class Gemma4Decoder(nn.Module):
         x = self.embed(input_ids) * (h**0.5)
         # project_per_layer_inputs: (RMSNorm(proj(x) / sqrt(H)) + per_layer_inputs) / sqrt(2)
         proj = self.ple_projection(x) * (h**-0.5)
-        proj = self.ple_projection_norm(proj.view(b, s, spec.num_hidden_layers, spec.hidden_size_per_layer_input))
+        proj = self.ple_projection_norm(
+            proj.view(b, s, spec.num_hidden_layers, spec.hidden_size_per_layer_input)
+        )
         per_layer = (proj + per_layer_inputs) * (2.0**-0.5)
 
         rope: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -274,4 +278,3 @@ def empty_past(spec: Gemma4Spec, batch: int = 1, dtype: torch.dtype = torch.floa
         shape = (batch, spec.layer_kv_heads(i), 0, spec.layer_head_dim(i))
         past += [torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)]
     return past
-

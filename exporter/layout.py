@@ -57,7 +57,9 @@ class DataFileWriter:
         self._pad_to(self.page_size if nbytes >= self.page_size else SMALL_ALIGNMENT)
         start = self._pos
         for chunk in chunks:
-            data = chunk if isinstance(chunk, bytes) else memoryview(np.ascontiguousarray(chunk).reshape(-1).view(np.uint8))
+            # bytes view without a copy (ml_dtypes' bfloat16 has no buffer format of its own)
+            flat = chunk if isinstance(chunk, bytes) else np.ascontiguousarray(chunk).reshape(-1)
+            data = flat if isinstance(flat, bytes) else flat.view(np.uint8).data
             self._write(data)
             if self._progress:
                 self._progress(len(data))
@@ -85,8 +87,8 @@ class DataFileWriter:
 
 
 def tensor_nbytes(value: ir.Value) -> int:
-    assert value.type is not None and value.shape is not None
-    return math.prod(int(d) for d in value.shape) * value.dtype.bitwidth // 8  # type: ignore[union-attr]
+    assert value.dtype is not None and value.shape is not None
+    return math.prod(value.shape.numpy()) * value.dtype.bitwidth // 8
 
 
 def bind_external(value: ir.Value, location: str, placement: Placement, base_dir: Path) -> None:
@@ -97,7 +99,7 @@ def bind_external(value: ir.Value, location: str, placement: Placement, base_dir
         placement.offset,
         placement.length,
         value.dtype,
-        shape=ir.Shape([int(d) for d in value.shape]),
+        shape=ir.Shape(value.shape.numpy()),
         name=value.name,
         base_dir=base_dir,
     )

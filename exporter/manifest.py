@@ -62,26 +62,33 @@ def graph_io(spec: Gemma4Spec) -> dict[str, Any]:
     for i in spec.kv_layers:
         kvh, hd = spec.layer_kv_heads(i), spec.layer_head_dim(i)
         past = f"past_sequence_{i}"
-        present = (f"min({past} + sequence, {spec.sliding_window - 1})" if spec.is_sliding(i)
-                   else f"{past} + sequence")
+        present = (
+            f"min({past} + sequence, {spec.sliding_window - 1})"
+            if spec.is_sliding(i)
+            else f"{past} + sequence"
+        )
         for kv in ("key", "value"):
             dec_in.append(_io(f"past_{kv}.{i}", "float32", ["batch", kvh, past, hd], f"past_{kv}", i))
-            dec_out.append(_io(f"present_{kv}.{i}", "float32", ["batch", kvh, present, hd], f"present_{kv}", i))
+            dec_out.append(
+                _io(f"present_{kv}.{i}", "float32", ["batch", kvh, present, hd], f"present_{kv}", i)
+            )
     return {"embedder": embedder, "decoder": {"file": "decoder.onnx", "inputs": dec_in, "outputs": dec_out}}
 
 
 def kv_cache(spec: Gemma4Spec) -> dict[str, Any]:
     layers = []
     for i in spec.kv_layers:
-        layers.append({
-            "layer": i,
-            "type": spec.layer_types[i],
-            "kv_heads": spec.layer_kv_heads(i),
-            "head_dim": spec.layer_head_dim(i),
-            # sliding layers return only the last window-1 positions: the cache never grows past that
-            "max_length": spec.sliding_window - 1 if spec.is_sliding(i) else None,
-            "shared_by": [j for j in range(spec.num_hidden_layers) if j != i and spec.kv_source(j) == i],
-        })
+        layers.append(
+            {
+                "layer": i,
+                "type": spec.layer_types[i],
+                "kv_heads": spec.layer_kv_heads(i),
+                "head_dim": spec.layer_head_dim(i),
+                # sliding layers return only the last window-1 positions: the cache never grows past that
+                "max_length": spec.sliding_window - 1 if spec.is_sliding(i) else None,
+                "shared_by": [j for j in range(spec.num_hidden_layers) if j != i and spec.kv_source(j) == i],
+            }
+        )
     return {
         "dtype": "float32",
         "layers": layers,
@@ -92,7 +99,16 @@ def kv_cache(spec: Gemma4Spec) -> dict[str, Any]:
 
 def _versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
-    for pkg in ("ple-export", "torch", "onnx", "onnxruntime", "onnx-ir", "onnxscript", "safetensors", "numpy"):
+    for pkg in (
+        "ple-export",
+        "torch",
+        "onnx",
+        "onnxruntime",
+        "onnx-ir",
+        "onnxscript",
+        "safetensors",
+        "numpy",
+    ):
         try:
             out[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
@@ -100,19 +116,27 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def build(bundle: Path, spec: Gemma4Spec, ckpt: Checkpoint, ple_dtype: str, options: dict[str, Any],
-          hashes: dict[str, str] | None = None) -> dict[str, Any]:
+def build(
+    bundle: Path,
+    spec: Gemma4Spec,
+    ckpt: Checkpoint,
+    ple_dtype: str,
+    options: dict[str, Any],
+    hashes: dict[str, str] | None = None,
+) -> dict[str, Any]:
     hashes = hashes or {}
     files = []
     for path in sorted(p for p in bundle.iterdir() if p.is_file() and p.name != MANIFEST_FILE):
         placement, role = _ROLES.get(path.name, ("none", "metadata"))
-        files.append({
-            "path": path.name,
-            "bytes": path.stat().st_size,
-            "sha256": hashes.get(path.name) or sha256_file(path),
-            "placement": placement,
-            "role": role,
-        })
+        files.append(
+            {
+                "path": path.name,
+                "bytes": path.stat().st_size,
+                "sha256": hashes.get(path.name) or sha256_file(path),
+                "placement": placement,
+                "role": role,
+            }
+        )
     table = ckpt.info("ple_table")
     row_bytes = spec.ple_dim * {"bf16": 2, "fp16": 2, "fp32": 4}[ple_dtype]
     page = int(options["page_size"])
@@ -137,7 +161,7 @@ def build(bundle: Path, spec: Gemma4Spec, ckpt: Checkpoint, ple_dtype: str, opti
             "row_bytes": row_bytes,
             "page_size": page,
             "pages_per_token": -(-row_bytes // page),  # a row at an arbitrary offset may span one more
-            "scale": spec.hidden_size_per_layer_input ** 0.5,
+            "scale": spec.hidden_size_per_layer_input**0.5,
             "out_of_range_ids": "read row 0",
         },
         "kv_cache": kv_cache(spec),
@@ -171,6 +195,8 @@ def load(bundle: Path) -> dict[str, Any]:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise UserError(f"{path}: not a ple-export manifest")
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise UserError(f"{path}: format_version {manifest.get('format_version')} is not supported "
-                        f"(this ple-export reads {FORMAT_VERSION})")
+        raise UserError(
+            f"{path}: format_version {manifest.get('format_version')} is not supported "
+            f"(this ple-export reads {FORMAT_VERSION})"
+        )
     return manifest

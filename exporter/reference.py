@@ -12,7 +12,9 @@ from exporter.safetensors_io import read_tensor
 from exporter.spec import Gemma4Spec
 
 
-def load_reference(checkpoint: Path, dtype: torch.dtype = torch.float32) -> tuple[Gemma4Spec, PLEEmbedder, Gemma4Decoder]:
+def load_reference(
+    checkpoint: Path, dtype: torch.dtype = torch.float32
+) -> tuple[Gemma4Spec, PLEEmbedder, Gemma4Decoder]:
     ckpt = read_checkpoint(checkpoint)
     spec = ckpt.spec
     embedder = PLEEmbedder(spec, table_dtype=dtype)

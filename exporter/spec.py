@@ -133,9 +133,17 @@ class Gemma4Spec:
                 raise UserError(f"config.json: rope_parameters has no entry for {t}")
         if self.hidden_activation not in SUPPORTED_ACTIVATIONS:
             raise UserError(f"config.json: unsupported hidden_activation {self.hidden_activation!r}")
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads",
-                     "num_key_value_heads", "head_dim", "global_head_dim", "sliding_window",
-                     "vocab_size_per_layer_input"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "global_head_dim",
+            "sliding_window",
+            "vocab_size_per_layer_input",
+        ):
             if getattr(self, name) <= 0:
                 raise UserError(f"config.json: {name} must be positive, got {getattr(self, name)}")
         for i in range(self.num_hidden_layers):
@@ -159,7 +167,9 @@ class Gemma4Spec:
         if cfg.get("enable_moe_block") or cfg.get("num_experts"):
             raise UserError("config.json: Mixture-of-Experts Gemma 4 checkpoints are not supported")
         if cfg.get("use_bidirectional_attention"):
-            raise UserError("config.json: use_bidirectional_attention is not supported (causal decoders only)")
+            raise UserError(
+                "config.json: use_bidirectional_attention is not supported (causal decoders only)"
+            )
 
         def req(key: str) -> Any:
             if key not in cfg or cfg[key] is None:
@@ -169,7 +179,8 @@ class Gemma4Spec:
         try:
             n_layers = int(req("num_hidden_layers"))
             layer_types = cfg.get("layer_types") or [
-                SLIDING if (i + 1) % 6 else FULL for i in range(n_layers)  # transformers' default 5:1
+                SLIDING if (i + 1) % 6 else FULL
+                for i in range(n_layers)  # transformers' default 5:1
             ]
             layer_types = list(layer_types)
             if layer_types and layer_types[-1] != FULL:  # transformers forces the last layer to full
@@ -228,7 +239,9 @@ class Gemma4Spec:
         except (TypeError, ValueError, KeyError) as e:
             raise UserError(f"config.json: malformed value ({e})") from None
         if cfg.get("tie_word_embeddings") is False:
-            raise UserError("config.json: tie_word_embeddings=false is not supported (Gemma 4 ties the LM head)")
+            raise UserError(
+                "config.json: tie_word_embeddings=false is not supported (Gemma 4 ties the LM head)"
+            )
         spec.validate()
         return spec
 
@@ -259,7 +272,11 @@ class Gemma4Spec:
                 lt: {
                     "rope_type": r.rope_type,
                     "rope_theta": r.theta,
-                    **({"partial_rotary_factor": r.partial_rotary_factor} if r.partial_rotary_factor != 1.0 else {}),
+                    **(
+                        {"partial_rotary_factor": r.partial_rotary_factor}
+                        if r.partial_rotary_factor != 1.0
+                        else {}
+                    ),
                     **({"factor": r.factor} if r.factor != 1.0 else {}),
                 }
                 for lt, r in sorted(self.rope.items())
@@ -307,9 +324,14 @@ def _full_layer_overrides(cfg: dict[str, Any], layer_types: list[str]) -> tuple[
     kv_heads = cfg.get("num_global_key_value_heads")
     per_layer = cfg.get("per_layer_config")
     if isinstance(per_layer, dict):
-        full = [v for k, v in per_layer.items()
-                if str(k).isdigit() and int(k) < len(layer_types) and layer_types[int(k)] == FULL
-                and isinstance(v, dict)]
+        full = [
+            v
+            for k, v in per_layer.items()
+            if str(k).isdigit()
+            and int(k) < len(layer_types)
+            and layer_types[int(k)] == FULL
+            and isinstance(v, dict)
+        ]
         dims = {v["head_dim"] for v in full if "head_dim" in v}
         heads = {v["num_key_value_heads"] for v in full if "num_key_value_heads" in v}
         if len(dims) > 1 or len(heads) > 1:

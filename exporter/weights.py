@@ -45,8 +45,15 @@ LAYER_MAP: dict[str, str] = {
 _KV_SUFFIXES = ("self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.k_norm.weight")
 TEXT_PREFIXES = ("model.language_model.", "model.")
 # Multimodal gemma4 checkpoints: towers we do not export.
-NON_TEXT_PREFIXES = ("model.vision_tower.", "model.audio_tower.", "model.embed_vision.", "model.embed_audio.",
-                     "vision_tower.", "audio_tower.", "multi_modal_projector.")
+NON_TEXT_PREFIXES = (
+    "model.vision_tower.",
+    "model.audio_tower.",
+    "model.embed_vision.",
+    "model.embed_audio.",
+    "vision_tower.",
+    "audio_tower.",
+    "multi_modal_projector.",
+)
 
 
 class HasShape(Protocol):
@@ -134,20 +141,23 @@ def map_checkpoint(spec: Gemma4Spec, tensors: Mapping[str, HasShape]) -> dict[st
             raise UserError(f"checkpoint is missing tensor {hf_name} (expected shape {list(shape)})")
         got = tuple(remaining.pop(hf_name).shape)
         if got != shape:
-            raise UserError(
-                f"tensor {hf_name} has shape {list(got)} but config.json implies {list(shape)}"
-            )
-        name = our_name(hf_name[len(prefix):])
+            raise UserError(f"tensor {hf_name} has shape {list(got)} but config.json implies {list(shape)}")
+        name = our_name(hf_name[len(prefix) :])
         assert name is not None, hf_name  # the tables above cover every expected name
         mapping[name] = hf_name
     for hf_name in list(remaining):
-        suffix = hf_name[len(prefix):] if hf_name.startswith(prefix) else None
+        suffix = hf_name[len(prefix) :] if hf_name.startswith(prefix) else None
         ignorable = (
             hf_name.startswith(NON_TEXT_PREFIXES)
             or hf_name in ("lm_head.weight", "model.lm_head.weight")
-            or (suffix is not None and suffix.startswith("layers.") and suffix.endswith(_KV_SUFFIXES)
-                and suffix.split(".")[1].isdigit() and int(suffix.split(".")[1]) < spec.num_hidden_layers
-                and not spec.owns_kv(int(suffix.split(".")[1])))
+            or (
+                suffix is not None
+                and suffix.startswith("layers.")
+                and suffix.endswith(_KV_SUFFIXES)
+                and suffix.split(".")[1].isdigit()
+                and int(suffix.split(".")[1]) < spec.num_hidden_layers
+                and not spec.owns_kv(int(suffix.split(".")[1]))
+            )
         )
         if ignorable:
             remaining.pop(hf_name)

@@ -16,8 +16,12 @@ from onnx_ir.passes import InPlacePass, PassResult
 
 
 def _const(name: str, values: list[int]) -> ir.Node:
-    return ir.node("Constant", [], attributes={"value": ir.tensor(np.array(values, dtype=np.int64), name=name)},
-                   outputs=[ir.Value(name=name)])
+    return ir.node(
+        "Constant",
+        [],
+        attributes={"value": ir.tensor(np.array(values, dtype=np.int64), name=name)},
+        outputs=[ir.Value(name=name)],
+    )
 
 
 class TiedLmHeadToGemm(InPlacePass):
@@ -29,7 +33,12 @@ class TiedLmHeadToGemm(InPlacePass):
                 continue
             weight = transpose.inputs[0]
             perm = transpose.attributes.get("perm")
-            if weight is None or not weight.is_initializer() or perm is None or list(perm.as_ints()) != [1, 0]:
+            if (
+                weight is None
+                or not weight.is_initializer()
+                or perm is None
+                or list(perm.as_ints()) != [1, 0]
+            ):
                 continue
             if all(use.node is transpose for use in weight.uses()):
                 continue  # not tied: folding this Transpose at load costs time, not a second copy
@@ -38,7 +47,7 @@ class TiedLmHeadToGemm(InPlacePass):
             if not uses or any(u.node.op_type != "MatMul" or u.idx != 1 for u in uses):
                 continue
             assert weight.shape is not None
-            vocab, hidden = (int(d) for d in weight.shape)
+            vocab, hidden = weight.shape.numpy()
             for k, use in enumerate(uses):
                 matmul = use.node
                 x = matmul.inputs[0]
@@ -46,14 +55,30 @@ class TiedLmHeadToGemm(InPlacePass):
                 base = f"{weight.name}.lm_head{k if k else ''}"
                 flat_shape = _const(f"{base}/flat_shape", [-1, hidden])
                 vocab_dim = _const(f"{base}/vocab_dim", [vocab])
-                lead = ir.node("Shape", [x], attributes={"end": -1}, outputs=[ir.Value(name=f"{base}/lead_dims")])
-                out_shape = ir.node("Concat", [lead.outputs[0], vocab_dim.outputs[0]], attributes={"axis": 0},
-                                    outputs=[ir.Value(name=f"{base}/out_shape")])
-                flat = ir.node("Reshape", [x, flat_shape.outputs[0]], outputs=[ir.Value(name=f"{base}/x_flat")])
-                gemm = ir.node("Gemm", [flat.outputs[0], weight], attributes={"transB": 1},
-                               outputs=[ir.Value(name=f"{base}/logits_flat")], name=f"{base}/Gemm")
-                out = ir.node("Reshape", [gemm.outputs[0], out_shape.outputs[0]],
-                              outputs=[ir.Value(name=f"{base}/logits")])
+                lead = ir.node(
+                    "Shape", [x], attributes={"end": -1}, outputs=[ir.Value(name=f"{base}/lead_dims")]
+                )
+                out_shape = ir.node(
+                    "Concat",
+                    [lead.outputs[0], vocab_dim.outputs[0]],
+                    attributes={"axis": 0},
+                    outputs=[ir.Value(name=f"{base}/out_shape")],
+                )
+                flat = ir.node(
+                    "Reshape", [x, flat_shape.outputs[0]], outputs=[ir.Value(name=f"{base}/x_flat")]
+                )
+                gemm = ir.node(
+                    "Gemm",
+                    [flat.outputs[0], weight],
+                    attributes={"transB": 1},
+                    outputs=[ir.Value(name=f"{base}/logits_flat")],
+                    name=f"{base}/Gemm",
+                )
+                out = ir.node(
+                    "Reshape",
+                    [gemm.outputs[0], out_shape.outputs[0]],
+                    outputs=[ir.Value(name=f"{base}/logits")],
+                )
                 new_nodes = [flat_shape, vocab_dim, lead, out_shape, flat, gemm, out]
                 graph.insert_before(matmul, new_nodes)
                 old = matmul.outputs[0]

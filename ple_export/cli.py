@@ -61,8 +61,13 @@ def _progress(enabled: bool) -> Iterator[Callable[[str, int, int], None]]:
         yield lambda stage, n, total: None
         return
     bars = Progress(
-        TextColumn("{task.description:>12}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-        TimeRemainingColumn(), console=err, transient=False,
+        TextColumn("{task.description:>12}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        transient=False,
     )
     tasks: dict[str, Any] = {}
 
@@ -104,24 +109,38 @@ def synth(
 
         spec = get_preset(preset)
         with _progress(not quiet and not as_json) as progress:
-            result = synth_to_folder(spec, output, dtype, seed, _parse_size(shard_size), overwrite,
-                                     lambda n, total: progress("synth", n, total))
-        _emit(result, as_json, lambda: out.print(
-            f"wrote {result['num_parameters'] / 1e6:,.1f}M-parameter {preset} checkpoint "
-            f"({_human(result['bytes'])}) to {result['path']}"))
+            result = synth_to_folder(
+                spec,
+                output,
+                dtype,
+                seed,
+                _parse_size(shard_size),
+                overwrite,
+                lambda n, total: progress("synth", n, total),
+            )
+        _emit(
+            result,
+            as_json,
+            lambda: out.print(
+                f"wrote {result['num_parameters'] / 1e6:,.1f}M-parameter {preset} checkpoint "
+                f"({_human(result['bytes'])}) to {result['path']}"
+            ),
+        )
 
 
 @app.command()
 def export(
     checkpoint: Annotated[Path, typer.Argument(help="HF checkpoint folder (config.json + safetensors).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Bundle folder to create.")],
-    page_size: Annotated[int, typer.Option(help="Alignment of large tensors and the PLE table, bytes.")] = 16384,
+    page_size: Annotated[
+        int, typer.Option(help="Alignment of large tensors and the PLE table, bytes.")
+    ] = 16384,
     ple_dtype: Annotated[str, typer.Option(help="checkpoint | bf16 | fp16 | fp32")] = "checkpoint",
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output folder.")] = False,
     as_json: JsonFlag = False,
     quiet: QuietFlag = False,
 ) -> None:
-    """Export a checkpoint to a bundle: embedder.onnx + ple_table.data (flash), decoder.onnx + decoder.data (DRAM)."""
+    """Export a checkpoint to a bundle: embedder + PLE table (flash), decoder + weights (DRAM)."""
     with _user_errors():
         from exporter.export import ExportOptions, export_bundle
 
@@ -153,7 +172,9 @@ def inspect(
 
 @app.command()
 def demo(
-    output: Annotated[Path, typer.Argument(help="Working folder: checkpoint/ and bundle/ go inside.")] = Path("ple-demo"),
+    output: Annotated[Path, typer.Argument(help="Working folder: checkpoint/ and bundle/ go inside.")] = Path(
+        "ple-demo"
+    ),
     overwrite: Annotated[bool, typer.Option(help="Replace an existing demo folder's contents.")] = False,
     as_json: JsonFlag = False,
     quiet: QuietFlag = False,
@@ -172,7 +193,9 @@ def demo(
         output.mkdir(parents=True, exist_ok=True)
         spec = get_preset("tiny")
         with _progress(not quiet and not as_json) as progress:
-            synth_to_folder(spec, ckpt_dir, overwrite=overwrite, progress=lambda n, t: progress("synth", n, t))
+            synth_to_folder(
+                spec, ckpt_dir, overwrite=overwrite, progress=lambda n, t: progress("synth", n, t)
+            )
             result = export_bundle(ckpt_dir, bundle_dir, ExportOptions(overwrite=overwrite), progress)
         session = BundleSession(bundle_dir)
         import numpy as np
@@ -188,12 +211,15 @@ def demo(
         def human() -> None:
             _print_summary(summary, f"exported in {result.seconds:.1f} s")
             out.print(f"greedy run with onnxruntime: prompt {prompt[0].tolist()} -> {gen.tokens[0]}")
-            out.print("next: `ple-export inspect --verify` on the bundle; run `pytest` for parity vs transformers")
+            out.print(
+                "next: `ple-export inspect --verify` on the bundle; run `pytest` for parity vs transformers"
+            )
 
         _emit(summary, as_json, human)
 
 
 # ---- helpers -------------------------------------------------------------------------------------
+
 
 def _parse_size(text: str) -> int:
     units = {"KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "B": 1}
@@ -230,13 +256,25 @@ def _bundle_summary(bundle: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     spec = manifest["model"]["spec"]
     return {
         "bundle": str(bundle),
-        "model": {"family": manifest["model"]["family"], "num_parameters": manifest["model"]["num_parameters"],
-                  "layers": spec["num_hidden_layers"], "hidden_size": spec["hidden_size"],
-                  "kv_layers": [entry["layer"] for entry in manifest["kv_cache"]["layers"]]},
-        "bytes": {"flash": by_place.get("flash", 0), "dram": by_place.get("dram", 0),
-                  "other": by_place.get("none", 0)},
-        "ple": {"dtype": ple["dtype"], "rows": ple["rows"], "row_bytes": ple["row_bytes"],
-                "page_size": ple["page_size"], "pages_per_token": ple["pages_per_token"]},
+        "model": {
+            "family": manifest["model"]["family"],
+            "num_parameters": manifest["model"]["num_parameters"],
+            "layers": spec["num_hidden_layers"],
+            "hidden_size": spec["hidden_size"],
+            "kv_layers": [entry["layer"] for entry in manifest["kv_cache"]["layers"]],
+        },
+        "bytes": {
+            "flash": by_place.get("flash", 0),
+            "dram": by_place.get("dram", 0),
+            "other": by_place.get("none", 0),
+        },
+        "ple": {
+            "dtype": ple["dtype"],
+            "rows": ple["rows"],
+            "row_bytes": ple["row_bytes"],
+            "page_size": ple["page_size"],
+            "pages_per_token": ple["pages_per_token"],
+        },
         "files": [{k: f[k] for k in ("path", "bytes", "placement", "role")} for f in files],
     }
 
@@ -251,15 +289,22 @@ def _print_summary(summary: dict[str, Any], headline: str | None) -> None:
         table.add_row(f["path"], f["placement"], f["role"], _human(f["bytes"]))
     out.print(table)
     b, ple, m = summary["bytes"], summary["ple"], summary["model"]
-    out.print(f"flash {_human(b['flash'])} | DRAM {_human(b['dram'])} | "
-              f"{m['num_parameters'] / 1e6:,.1f}M parameters, {m['layers']} layers, "
-              f"KV cache in {len(m['kv_layers'])} layers")
-    out.print(f"PLE table: {ple['rows']:,} rows x {ple['row_bytes']:,} B ({ple['dtype']}); "
-              f"{ple['pages_per_token']} page(s) of {ple['page_size'] // 1024} KiB per token")
+    out.print(
+        f"flash {_human(b['flash'])} | DRAM {_human(b['dram'])} | "
+        f"{m['num_parameters'] / 1e6:,.1f}M parameters, {m['layers']} layers, "
+        f"KV cache in {len(m['kv_layers'])} layers"
+    )
+    out.print(
+        f"PLE table: {ple['rows']:,} rows x {ple['row_bytes']:,} B ({ple['dtype']}); "
+        f"{ple['pages_per_token']} page(s) of {ple['page_size'] // 1024} KiB per token"
+    )
     if "verify" in summary:
         v = summary["verify"]
-        out.print("[green]verified[/]: sizes and sha256 match" if not v["problems"]
-                  else f"[red]{len(v['problems'])} problem(s)[/]")
+        out.print(
+            "[green]verified[/]: sizes and sha256 match"
+            if not v["problems"]
+            else f"[red]{len(v['problems'])} problem(s)[/]"
+        )
 
 
 def _verify(bundle: Path, manifest: dict[str, Any]) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """Run a bundle with onnxruntime, reading nothing but manifest.json to wire it up.
 
-    ids -> embedder.onnx -> per_layer_inputs -+
-    ids, positions, past KV ------------------+-> decoder.onnx -> logits, present KV (fed back)
+ids -> embedder.onnx -> per_layer_inputs -+
+ids, positions, past KV ------------------+-> decoder.onnx -> logits, present KV (fed back)
 """
 
 from __future__ import annotations
@@ -31,7 +31,9 @@ class KVCache:
 @dataclass
 class Generation:
     tokens: list[list[int]]  # [B][new tokens]
-    step_logits: list[np.ndarray] = field(default_factory=list)  # prefill's last position, then each decode step
+    step_logits: list[np.ndarray] = field(
+        default_factory=list
+    )  # prefill's last position, then each decode step
 
 
 class BundleSession:
@@ -56,14 +58,22 @@ class BundleSession:
                 str(self.bundle / graphs["decoder"]["file"]), opts, providers=["CPUExecutionProvider"]
             )
         except Exception as e:  # onnxruntime raises its own exception types
-            raise UserError(f"{self.bundle}: onnxruntime cannot load the bundle ({str(e).splitlines()[0]})") from None
+            raise UserError(
+                f"{self.bundle}: onnxruntime cannot load the bundle ({str(e).splitlines()[0]})"
+            ) from None
         self._dec_inputs = graphs["decoder"]["inputs"]
         self._dec_outputs = graphs["decoder"]["outputs"]
         # present_* output name -> past_* input name, matched by role and layer
-        past = {(d["role"].removeprefix("past_"), d["layer"]): d["name"] for d in self._dec_inputs
-                if d["role"] in ("past_key", "past_value")}
-        self._present_to_past = {d["name"]: past[(d["role"].removeprefix("present_"), d["layer"])]
-                                 for d in self._dec_outputs if d["role"] in ("present_key", "present_value")}
+        past = {
+            (d["role"].removeprefix("past_"), d["layer"]): d["name"]
+            for d in self._dec_inputs
+            if d["role"] in ("past_key", "past_value")
+        }
+        self._present_to_past = {
+            d["name"]: past[(d["role"].removeprefix("present_"), d["layer"])]
+            for d in self._dec_outputs
+            if d["role"] in ("present_key", "present_value")
+        }
         self.eos_ids = set(self.manifest["generation"]["eos_token_ids"])
 
     def _by_role(self, role: str) -> str:
@@ -93,7 +103,9 @@ class BundleSession:
         }
         names = [d["name"] for d in self._dec_outputs]
         outputs = dict(zip(names, self.decoder.run(names, feeds), strict=True))
-        cache.tensors = {self._present_to_past[n]: v for n, v in outputs.items() if n in self._present_to_past}
+        cache.tensors = {
+            self._present_to_past[n]: v for n, v in outputs.items() if n in self._present_to_past
+        }
         cache.position += s
         return outputs[next(d["name"] for d in self._dec_outputs if d["role"] == "logits")]
 

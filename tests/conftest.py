@@ -21,10 +21,12 @@ from exporter.spec import Gemma4Spec, get_preset  # noqa: E402
 # (that one also has no KV sharing, so every layer owns its cache).
 VARIANTS: dict[str, Gemma4Spec] = {
     "tiny": get_preset("tiny"),
-    "kv_eq": get_preset("tiny").replace(attention_k_eq_v=True, num_global_key_value_heads=2,
-                                        use_double_wide_mlp=True),
-    "nocap": get_preset("tiny").replace(final_logit_softcapping=None, num_kv_shared_layers=0,
-                                        use_double_wide_mlp=False, num_key_value_heads=2),
+    "kv_eq": get_preset("tiny").replace(
+        attention_k_eq_v=True, num_global_key_value_heads=2, use_double_wide_mlp=True
+    ),
+    "nocap": get_preset("tiny").replace(
+        final_logit_softcapping=None, num_kv_shared_layers=0, use_double_wide_mlp=False, num_key_value_heads=2
+    ),
 }
 
 

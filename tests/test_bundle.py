@@ -85,14 +85,19 @@ def test_ple_table_has_its_own_page_aligned_file(bundles: dict[str, Path]) -> No
 def test_tied_embedding_stored_once(bundles: dict[str, Path]) -> None:
     spec = VARIANTS["tiny"]
     decoder = _load_proto(bundles["tiny"] / "decoder.onnx")
-    big = [t.name for t in decoder.graph.initializer if list(t.dims) in ([spec.vocab_size, spec.hidden_size],
-                                                                         [spec.hidden_size, spec.vocab_size])]
+    big = [
+        t.name
+        for t in decoder.graph.initializer
+        if list(t.dims) in ([spec.vocab_size, spec.hidden_size], [spec.hidden_size, spec.vocab_size])
+    ]
     assert big == ["embed.weight"]
     users = [n.op_type for n in decoder.graph.node if "embed.weight" in n.input]
     assert sorted(users) == ["Gather", "Gemm"]
 
 
-def test_same_input_same_bytes(checkpoints: dict[str, Path], bundles: dict[str, Path], tmp_path: Path) -> None:
+def test_same_input_same_bytes(
+    checkpoints: dict[str, Path], bundles: dict[str, Path], tmp_path: Path
+) -> None:
     again = export_bundle(checkpoints["tiny"], tmp_path / "again").out_dir
     first = bundles["tiny"]
     names = sorted(p.name for p in first.iterdir())
@@ -102,7 +107,9 @@ def test_same_input_same_bytes(checkpoints: dict[str, Path], bundles: dict[str, 
 
 
 def test_ple_dtype_option_converts_the_table(checkpoints: dict[str, Path], tmp_path: Path) -> None:
-    out = export_bundle(checkpoints["tiny"], tmp_path / "fp32", ExportOptions(ple_dtype="fp32", page_size=4096))
+    out = export_bundle(
+        checkpoints["tiny"], tmp_path / "fp32", ExportOptions(ple_dtype="fp32", page_size=4096)
+    )
     table = _load_proto(out.out_dir / "embedder.onnx").graph.initializer[0]
     assert table.data_type == onnx.TensorProto.FLOAT
     assert out.manifest["ple"]["row_bytes"] == VARIANTS["tiny"].ple_dim * 4
@@ -135,8 +142,13 @@ def test_onnxruntime_maps_the_ple_table_instead_of_copying_it(tmp_path: Path) ->
     bundle = export_bundle(synth_checkpoint(spec, tmp_path / "ckpt"), tmp_path / "bundle").out_dir
     table_bytes = (bundle / "ple_table.data").stat().st_size
     assert table_bytes == 65536 * 6 * 256 * 2
-    probe = subprocess.run([sys.executable, "-c", _RSS_PROBE, str(bundle / "embedder.onnx"), "65536"],
-                           capture_output=True, text=True, check=True, cwd=ROOT)
+    probe = subprocess.run(
+        [sys.executable, "-c", _RSS_PROBE, str(bundle / "embedder.onnx"), "65536"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+    )
     rss = json.loads(probe.stdout)
     anon_growth = rss["after"]["RssAnon"] - rss["before"]["RssAnon"]
     assert anon_growth < table_bytes / 10, f"anonymous RSS grew {anon_growth / 2**20:.1f} MiB: table copied?"

@@ -29,7 +29,9 @@ def hf_greedy(checkpoint: Path, prompt: torch.Tensor, steps: int) -> list[torch.
     from transformers import Gemma4ForCausalLM
     from transformers.cache_utils import DynamicCache
 
-    model = Gemma4ForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, attn_implementation="eager").eval()
+    model = Gemma4ForCausalLM.from_pretrained(
+        checkpoint, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
     cache = DynamicCache(config=model.config)
     ids = prompt
     out = []
@@ -52,7 +54,9 @@ def assert_close(ours: list[np.ndarray], ref: list[torch.Tensor], what: str) -> 
 
 @pytest.fixture(scope="module")
 def hf_logits(checkpoints: dict[str, Path]) -> dict[str, list[torch.Tensor]]:
-    return {name: hf_greedy(ckpt, _prompt(VARIANTS[name].vocab_size), STEPS) for name, ckpt in checkpoints.items()}
+    return {
+        name: hf_greedy(ckpt, _prompt(VARIANTS[name].vocab_size), STEPS) for name, ckpt in checkpoints.items()
+    }
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

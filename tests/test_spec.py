@@ -48,8 +48,15 @@ def test_e2b_parameter_count() -> None:
         ({"enable_moe_block": True}, "Mixture-of-Experts"),
         ({"model_type": "llama"}, "unsupported model_type"),
         ({"hidden_size": None}, "hidden_size"),
-        ({"rope_parameters": {"sliding_attention": {"rope_type": "yarn", "rope_theta": 1.0},
-                              "full_attention": {"rope_type": "default", "rope_theta": 1.0}}}, "rope_type"),
+        (
+            {
+                "rope_parameters": {
+                    "sliding_attention": {"rope_type": "yarn", "rope_theta": 1.0},
+                    "full_attention": {"rope_type": "default", "rope_theta": 1.0},
+                }
+            },
+            "rope_type",
+        ),
         ({"layer_types": ["sliding_attention"] * 3}, "layer_types"),
         ({"tie_word_embeddings": False}, "tie_word_embeddings"),
     ],

@@ -27,8 +27,14 @@ class TiedLM(nn.Module):
 
 def _export(module: nn.Module) -> ir.Model:
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
-    program = torch.onnx.export(module, (torch.zeros(2, 3, dtype=torch.int64),), dynamo=True,
-                                dynamic_shapes=({0: batch, 1: seq},), optimize=False, verbose=False)
+    program = torch.onnx.export(
+        module,
+        (torch.zeros(2, 3, dtype=torch.int64),),
+        dynamo=True,
+        dynamic_shapes=({0: batch, 1: seq},),
+        optimize=False,
+        verbose=False,
+    )
     assert program is not None
     model = program.model
     model.ir_version = 10
@@ -40,12 +46,16 @@ def _run(model: ir.Model, ids: np.ndarray) -> np.ndarray:
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     proto = ir.serde.serialize_model(model)
     return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"]).run(
-        None, {model.graph.inputs[0].name: ids})[0]
+        None, {model.graph.inputs[0].name: ids}
+    )[0]
 
 
 def _transposed_initializers(model: ir.Model) -> list[str]:
-    return [n.inputs[0].name for n in model.graph if n.op_type == "Transpose"
-            and n.inputs[0] is not None and n.inputs[0].is_initializer()]
+    return [
+        n.inputs[0].name
+        for n in model.graph
+        if n.op_type == "Transpose" and n.inputs[0] is not None and n.inputs[0].is_initializer()
+    ]
 
 
 @pytest.mark.parametrize("softcap", [True, False])  # without softcap the MatMul output is the graph output
