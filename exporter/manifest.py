@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import platform
 from importlib import metadata
 from pathlib import Path
@@ -97,6 +98,16 @@ def kv_cache(spec: Gemma4Spec) -> dict[str, Any]:
     }
 
 
+def row_pages(row_bytes: int, page: int) -> dict[str, float]:
+    """Pages one PLE row touches (a row may straddle page boundaries), over the table's rows.
+
+    Row r spans bytes [r*row_bytes, (r+1)*row_bytes) of a page-aligned table; the pattern repeats
+    every page / gcd(row_bytes, page) rows, so one period gives the exact min/mean/max."""
+    period = page // math.gcd(row_bytes, page)
+    counts = [((r + 1) * row_bytes - 1) // page - (r * row_bytes) // page + 1 for r in range(period)]
+    return {"min": min(counts), "mean": round(sum(counts) / period, 4), "max": max(counts)}
+
+
 def _versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for pkg in (
@@ -160,7 +171,7 @@ def build(
             "rows": int(table.shape[0]),
             "row_bytes": row_bytes,
             "page_size": page,
-            "pages_per_token": -(-row_bytes // page),  # a row at an arbitrary offset may span one more
+            "pages_per_token": row_pages(row_bytes, page),
             "scale": spec.hidden_size_per_layer_input**0.5,
             "out_of_range_ids": "read row 0",
         },

@@ -1,0 +1,275 @@
+"""Prefill / decode latency of a bundle under onnxruntime, side by side with PyTorch (batch 1, fp32).
+
+Engines: onnxruntime on the exported bundle (`BundleSession`), our PyTorch eager reference
+(`exporter.reference`), and transformers' `Gemma4ForCausalLM` (eager attention, DynamicCache).
+A synthetic checkpoint and its bundle are built once and cached under --workdir, keyed by the spec.
+Each engine gets one untimed warm-up run; timed runs are interleaved round-robin across engines so
+machine noise spreads over all of them. Ratios are medians of per-repeat (paired) ratios.
+
+    python benchmarks/latency.py [--preset small|tiny] [--prompt-len 128] [--new-tokens 32]
+                                 [--repeats 5] [--threads 2] [--workdir DIR] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from exporter.export import ExportOptions, export_bundle
+from exporter.gemma4 import empty_past
+from exporter.reference import load_reference
+from exporter.spec import FULL, SLIDING, Gemma4Spec, get_preset
+from exporter.synth import synth_to_folder
+from runtime_harness.session import BundleSession
+
+SYNTH_DTYPE, SYNTH_SEED = "bf16", 0
+CHECK_TOKENS = 8  # greedy tokens that must agree across engines (prefill's + the first decode steps)
+log = Console(stderr=True)
+
+
+def small_spec() -> Gemma4Spec:
+    """~330M parameters (228M in the decoder, 101M in the PLE table); 5:1 sliding:full, last full."""
+    n_layers = 12
+    layer_types = tuple(FULL if (i + 1) % 6 == 0 else SLIDING for i in range(n_layers))
+    return get_preset("tiny").replace(
+        vocab_size=32768, vocab_size_per_layer_input=32768, hidden_size=1024, intermediate_size=4096,
+        num_hidden_layers=n_layers, layer_types=layer_types,
+        num_attention_heads=8, num_key_value_heads=2, head_dim=128, global_head_dim=256,
+        hidden_size_per_layer_input=256, sliding_window=512, num_kv_shared_layers=4,
+        use_double_wide_mlp=False,
+    )
+
+
+def prepare(preset: str, workdir: Path) -> tuple[Gemma4Spec, Path, Path]:
+    """(spec, checkpoint, bundle), built unless already cached for exactly this spec."""
+    spec = small_spec() if preset == "small" else get_preset(preset)
+    spec.validate()
+    key_src = json.dumps([spec.to_hf_config(), SYNTH_DTYPE, SYNTH_SEED], sort_keys=True)
+    root = workdir.expanduser() / f"{preset}-{hashlib.sha256(key_src.encode()).hexdigest()[:12]}"
+    ckpt, bundle = root / "checkpoint", root / "bundle"
+    root.mkdir(parents=True, exist_ok=True)
+    if not (ckpt / "config.json").is_file():  # synth_to_folder and export_bundle commit atomically
+        t = time.perf_counter()
+        synth_to_folder(spec, ckpt, SYNTH_DTYPE, SYNTH_SEED, overwrite=True)
+        log.print(f"synthesized {spec.num_parameters() / 1e6:.0f}M params in {time.perf_counter() - t:.1f}s")
+    if not (bundle / "manifest.json").is_file():
+        t = time.perf_counter()
+        export_bundle(ckpt, bundle, ExportOptions(overwrite=True))
+        log.print(f"exported bundle in {time.perf_counter() - t:.1f}s")
+    log.print(f"checkpoint {ckpt}\nbundle     {bundle}")
+    return spec, ckpt, bundle
+
+
+class Engine(Protocol):
+    name: str
+
+    def prefill(self, prompt: np.ndarray) -> int: ...  # fresh cache; returns the first greedy token
+
+    def step(self, token: int) -> int: ...  # one decode step; returns the next greedy token
+
+
+class OrtEngine:
+    name = "onnxruntime"
+
+    def __init__(self, bundle: Path, threads: int):
+        self.session = BundleSession(bundle, threads=threads)
+
+    def prefill(self, prompt: np.ndarray) -> int:
+        self.cache = self.session.new_cache(1)
+        return int(self.session.forward(prompt, self.cache)[0, -1].argmax())
+
+    def step(self, token: int) -> int:
+        return int(self.session.forward(np.array([[token]], dtype=np.int64), self.cache)[0, -1].argmax())
+
+
+class ReferenceEngine:
+    name = "pytorch-eager"
+
+    def __init__(self, ckpt: Path):
+        self.spec, self.embedder, self.decoder = load_reference(ckpt, torch.float32)
+        self.past: list[torch.Tensor] = []
+        self.position = 0
+
+    def _run(self, ids: torch.Tensor) -> int:
+        positions = torch.arange(self.position, self.position + ids.shape[1])[None]
+        logits, *self.past = self.decoder(ids, self.embedder(ids), positions, *self.past)
+        self.position += ids.shape[1]
+        return int(logits[0, -1].argmax())
+
+    def prefill(self, prompt: np.ndarray) -> int:
+        self.past, self.position = empty_past(self.spec, 1, torch.float32), 0
+        return self._run(torch.from_numpy(prompt))
+
+    def step(self, token: int) -> int:
+        return self._run(torch.tensor([[token]]))
+
+
+class TransformersEngine:
+    name = "transformers"
+
+    def __init__(self, ckpt: Path):
+        from transformers import Gemma4ForCausalLM
+        from transformers.cache_utils import DynamicCache
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+        self.model = Gemma4ForCausalLM.from_pretrained(ckpt, dtype=torch.float32, attn_implementation="eager")
+        self.model.eval()
+        self.new_cache = lambda: DynamicCache(config=self.model.config)
+
+    def _run(self, ids: torch.Tensor) -> int:
+        out = self.model(input_ids=ids, past_key_values=self.cache, use_cache=True)
+        return int(out.logits[0, -1].argmax())
+
+    def prefill(self, prompt: np.ndarray) -> int:
+        self.cache = self.new_cache()
+        return self._run(torch.from_numpy(prompt))
+
+    def step(self, token: int) -> int:
+        return self._run(torch.tensor([[token]]))
+
+
+@dataclass
+class Result:
+    load_s: float
+    prefill_tok_s: list[float] = field(default_factory=list)
+    ttft_ms: list[float] = field(default_factory=list)
+    decode_tok_s: list[float] = field(default_factory=list)  # 1 / median per-token latency, per run
+    tokens: list[int] = field(default_factory=list)  # greedy tokens of the warm-up run
+
+
+@torch.inference_mode()
+def run_once(engine: Engine, prompt: np.ndarray, new_tokens: int) -> tuple[float, float, list[int]]:
+    """(TTFT seconds, median decode seconds per token, greedy tokens)."""
+    t0 = time.perf_counter()
+    tokens = [engine.prefill(prompt)]
+    ttft = time.perf_counter() - t0
+    latencies = []
+    for _ in range(new_tokens):
+        t = time.perf_counter()
+        tokens.append(engine.step(tokens[-1]))
+        latencies.append(time.perf_counter() - t)
+    return ttft, statistics.median(latencies), tokens
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="small", choices=["small", "tiny"])
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--workdir", type=Path, default=Path("~/.cache/ple-export-bench"))
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    args = p.parse_args()
+    if min(args.prompt_len, args.new_tokens, args.repeats, args.threads) < 1:
+        p.error("--prompt-len, --new-tokens, --repeats and --threads must be >= 1")
+    wall0 = time.perf_counter()
+    torch.set_num_threads(args.threads)
+    spec, ckpt, bundle = prepare(args.preset, args.workdir)
+
+    notes: list[str] = []
+    factories: list[tuple[str, Any]] = [
+        ("onnxruntime", lambda: OrtEngine(bundle, args.threads)),
+        ("pytorch-eager", lambda: ReferenceEngine(ckpt)),
+        ("transformers", lambda: TransformersEngine(ckpt)),
+    ]
+    engines: dict[str, Engine] = {}
+    results: dict[str, Result] = {}
+    for name, make in factories:
+        t = time.perf_counter()
+        try:
+            engines[name] = make()
+        except ImportError as e:
+            notes.append(f"{name} skipped: {e}")
+            continue
+        results[name] = Result(load_s=time.perf_counter() - t)
+        log.print(f"loaded {name} in {results[name].load_s:.2f}s")
+
+    prompt = np.random.default_rng(0).integers(0, spec.vocab_size, (1, args.prompt_len), dtype=np.int64)
+    for name, engine in engines.items():  # warm-up, untimed; its tokens feed the sanity check
+        results[name].tokens = run_once(engine, prompt, args.new_tokens)[2]
+    for r in range(args.repeats):
+        for name, engine in engines.items():  # round-robin across engines
+            ttft, per_token, _ = run_once(engine, prompt, args.new_tokens)
+            res = results[name]
+            res.ttft_ms.append(ttft * 1e3)
+            res.prefill_tok_s.append(args.prompt_len / ttft)
+            res.decode_tok_s.append(1.0 / per_token)
+        log.print(f"repeat {r + 1}/{args.repeats} done")
+
+    check = min(CHECK_TOKENS, args.new_tokens + 1)
+    first = {name: res.tokens[:check] for name, res in results.items()}
+    tokens_match = len({tuple(t) for t in first.values()}) == 1
+    if not tokens_match:
+        notes.append(f"WARNING: greedy tokens differ in the first {check}: {first}")
+
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    weight_bytes = sum(f["bytes"] for f in manifest["files"] if f["role"] == "decoder_weights")
+    report: dict[str, Any] = {
+        "preset": args.preset, "num_parameters": spec.num_parameters(), "decoder_weight_bytes": weight_bytes,
+        "threads": args.threads, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+        "repeats": args.repeats, "engines": {}, "ratios": {}, "tokens_match": tokens_match, "notes": notes,
+    }
+    for name, res in results.items():
+        decode = statistics.median(res.decode_tok_s)
+        report["engines"][name] = {
+            "load_s": res.load_s, "ttft_ms": spread(res.ttft_ms), "prefill_tok_s": spread(res.prefill_tok_s),
+            "decode_tok_s": spread(res.decode_tok_s), "decode_weight_gb_s": weight_bytes * decode / 1e9,
+            "first_tokens": first[name],
+        }
+    for other in ("pytorch-eager", "transformers"):
+        if other in results and "onnxruntime" in results:
+            ort, ref = results["onnxruntime"], results[other]
+            report["ratios"][f"onnxruntime/{other}"] = {
+                m: statistics.median(a / b for a, b in zip(getattr(ort, m), getattr(ref, m), strict=True))
+                for m in ("prefill_tok_s", "decode_tok_s")
+            }
+    report["wall_s"] = time.perf_counter() - wall0
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_report(report)
+
+
+def print_report(rep: dict[str, Any]) -> None:
+    def fmt(s: dict[str, float]) -> str:
+        return f"{s['median']:.1f} [{s['min']:.1f}-{s['max']:.1f}]"
+
+    out = Console(width=max(Console().width, 132))
+    table = Table(title=(
+        f"preset {rep['preset']}: {rep['num_parameters'] / 1e6:.3g}M params, decoder weights "
+        f"{rep['decoder_weight_bytes'] / 1e6:.4g} MB | prompt {rep['prompt_len']}, {rep['new_tokens']} new "
+        f"tokens, {rep['threads']} threads, {rep['repeats']} repeats: median [min-max]"
+    ))
+    for col in ("engine", "load s", "TTFT ms", "prefill tok/s", "decode tok/s", "decode weight GB/s"):
+        table.add_column(col, justify="left" if col == "engine" else "right")
+    for name, e in rep["engines"].items():
+        table.add_row(name, f"{e['load_s']:.2f}", fmt(e["ttft_ms"]), fmt(e["prefill_tok_s"]),
+                      fmt(e["decode_tok_s"]), f"{e['decode_weight_gb_s']:.2f}")
+    out.print(table)
+    for pair, r in rep["ratios"].items():
+        out.print(f"{pair}: prefill x{r['prefill_tok_s']:.2f}, decode x{r['decode_tok_s']:.2f}")
+    out.print(f"greedy tokens agree across engines: {rep['tokens_match']}; wall {rep['wall_s']:.1f}s")
+    for note in rep["notes"]:
+        out.print(note, style="yellow", markup=False)
+
+
+if __name__ == "__main__":
+    main()
