@@ -91,11 +91,12 @@ def main() -> int:
     else:
         print(f"preset {args.preset}: {result['num_parameters'] / 1e6:,.1f}M parameters")
         print(f"  checkpoint        {_fmt(result['checkpoint_bytes']):>12}")
-        print(f"  bundle            {_fmt(result['bundle_bytes']):>12}  (flash {_fmt(result['flash_bytes'])}, "
-              f"DRAM {_fmt(result['dram_bytes'])})")
+        flash, dram = _fmt(result["flash_bytes"]), _fmt(result["dram_bytes"])
+        print(f"  bundle            {_fmt(result['bundle_bytes']):>12}  (flash {flash}, DRAM {dram})")
         print(f"  export wall time  {seconds:10.1f} s")
+        verdict = "OK" if result["within_budget"] else "EXCEEDED"
         print(f"  peak RSS          {_fmt(peak):>12}  = {result['peak_rss_over_checkpoint']:.3f} x checkpoint;"
-              f" budget {args.budget_gib:.1f} GiB: {'OK' if result['within_budget'] else 'EXCEEDED'}")
+              f" budget {args.budget_gib:.1f} GiB: {verdict}")
     return 0 if result["within_budget"] else 1
 
 
