@@ -95,7 +95,8 @@ def main() -> int:
         print(f"  bundle            {_fmt(result['bundle_bytes']):>12}  (flash {flash}, DRAM {dram})")
         print(f"  export wall time  {seconds:10.1f} s")
         verdict = "OK" if result["within_budget"] else "EXCEEDED"
-        print(f"  peak RSS          {_fmt(peak):>12}  = {result['peak_rss_over_checkpoint']:.3f} x checkpoint;"
+        ratio = result["peak_rss_over_checkpoint"]
+        print(f"  peak RSS          {_fmt(peak):>12}  = {ratio:.3f} x checkpoint;"
               f" budget {args.budget_gib:.1f} GiB: {verdict}")
     return 0 if result["within_budget"] else 1
 
