@@ -171,73 +171,64 @@ class Gemma4Spec:
                 "config.json: use_bidirectional_attention is not supported (causal decoders only)"
             )
 
-        def req(key: str) -> Any:
-            if key not in cfg or cfg[key] is None:
-                raise UserError(f"config.json: missing required field {key!r}")
-            return cfg[key]
-
-        try:
-            n_layers = int(req("num_hidden_layers"))
-            layer_types = cfg.get("layer_types") or [
-                SLIDING if (i + 1) % 6 else FULL
-                for i in range(n_layers)  # transformers' default 5:1
-            ]
-            layer_types = list(layer_types)
-            if layer_types and layer_types[-1] != FULL:  # transformers forces the last layer to full
-                layer_types[-1] = FULL
-            rope_params = cfg.get("rope_parameters") or {
-                SLIDING: {"rope_type": "default", "rope_theta": 10_000.0},
-                FULL: {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1_000_000.0},
-            }
-            rope: dict[str, RopeSpec] = {}
-            for lt in set(layer_types):
-                p = rope_params.get(lt)
-                if not isinstance(p, dict):
-                    raise UserError(f"config.json: rope_parameters has no entry for {lt}")
-                rtype = p.get("rope_type", "default")
-                if rtype not in SUPPORTED_ROPE_TYPES:
-                    raise UserError(f"config.json: unsupported rope_type {rtype!r} for {lt}")
-                rope[lt] = RopeSpec(
-                    rope_type=rtype,
-                    theta=float(p["rope_theta"]),
-                    partial_rotary_factor=float(p.get("partial_rotary_factor", 1.0)),
-                    factor=float(p.get("factor", 1.0)),
-                )
-            eos = cfg.get("eos_token_id", 1)
-            eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
-            ple_width = cfg.get("hidden_size_per_layer_input", 256)
-            full_head_dim, full_kv_heads = _full_layer_overrides(cfg, layer_types)
-            head_dim = int(cfg.get("head_dim", 256))
-            softcap = cfg.get("final_logit_softcapping")
-            spec = cls(
-                vocab_size=int(req("vocab_size")),
-                hidden_size=int(req("hidden_size")),
-                intermediate_size=int(req("intermediate_size")),
-                num_hidden_layers=n_layers,
-                num_attention_heads=int(req("num_attention_heads")),
-                num_key_value_heads=int(req("num_key_value_heads")),
-                head_dim=head_dim,
-                global_head_dim=int(full_head_dim or head_dim),
-                layer_types=tuple(layer_types),
-                sliding_window=int(cfg.get("sliding_window", 512)),
-                vocab_size_per_layer_input=int(cfg.get("vocab_size_per_layer_input", 262_144)),
-                hidden_size_per_layer_input=int(ple_width or 0),
-                num_kv_shared_layers=int(cfg.get("num_kv_shared_layers", 0) or 0),
-                num_global_key_value_heads=int(full_kv_heads) if full_kv_heads else None,
-                attention_k_eq_v=bool(cfg.get("attention_k_eq_v", False)),
-                use_double_wide_mlp=bool(cfg.get("use_double_wide_mlp", False)),
-                final_logit_softcapping=float(softcap) if softcap is not None else None,
-                rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-                rope=rope,
-                hidden_activation=str(cfg.get("hidden_activation", "gelu_pytorch_tanh")),
-                pad_token_id=cfg.get("pad_token_id", 0),
-                bos_token_id=cfg.get("bos_token_id", 2),
-                eos_token_id=tuple(int(e) for e in eos_ids),
-            )
-        except UserError:
-            raise
-        except (TypeError, ValueError, KeyError) as e:
-            raise UserError(f"config.json: malformed value ({e})") from None
+        f = _Fields(cfg)
+        n_layers = f.int("num_hidden_layers")
+        layer_types = cfg.get("layer_types") or [
+            SLIDING if (i + 1) % 6 else FULL for i in range(n_layers)  # transformers' default 5:1
+        ]
+        if not isinstance(layer_types, list) or not all(isinstance(t, str) for t in layer_types):
+            raise UserError("config.json: field 'layer_types' must be a list of strings")
+        layer_types = list(layer_types)
+        if layer_types and layer_types[-1] != FULL:  # transformers forces the last layer to full
+            layer_types[-1] = FULL
+        rope_params = cfg.get("rope_parameters") or {
+            SLIDING: {"rope_type": "default", "rope_theta": 10_000.0},
+            FULL: {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1_000_000.0},
+        }
+        if not isinstance(rope_params, dict):
+            raise UserError("config.json: field 'rope_parameters' must be an object")
+        rope: dict[str, RopeSpec] = {}
+        for lt in sorted(set(layer_types)):
+            p = rope_params.get(lt)
+            if not isinstance(p, dict):
+                raise UserError(f"config.json: rope_parameters has no entry for {lt}")
+            rtype = p.get("rope_type", "default")
+            if rtype not in SUPPORTED_ROPE_TYPES:
+                raise UserError(f"config.json: unsupported rope_type {rtype!r} for {lt}")
+            rf = _Fields(p, f"rope_parameters.{lt}.")
+            rope[lt] = RopeSpec(rtype, rf.float("rope_theta"), rf.float("partial_rotary_factor", 1.0),
+                                rf.float("factor", 1.0))
+        eos = cfg.get("eos_token_id", 1)
+        eos_list = eos if isinstance(eos, list) else ([] if eos is None else [eos])
+        if not all(isinstance(e, int) and not isinstance(e, bool) for e in eos_list):
+            raise UserError("config.json: field 'eos_token_id' must be an integer or a list of integers")
+        full_head_dim, full_kv_heads = _full_layer_overrides(cfg, layer_types)
+        head_dim = f.int("head_dim", 256)
+        spec = cls(
+            vocab_size=f.int("vocab_size"),
+            hidden_size=f.int("hidden_size"),
+            intermediate_size=f.int("intermediate_size"),
+            num_hidden_layers=n_layers,
+            num_attention_heads=f.int("num_attention_heads"),
+            num_key_value_heads=f.int("num_key_value_heads"),
+            head_dim=head_dim,
+            global_head_dim=_as_int("global_head_dim", full_head_dim) or head_dim,
+            layer_types=tuple(layer_types),
+            sliding_window=f.int("sliding_window", 512),
+            vocab_size_per_layer_input=f.int("vocab_size_per_layer_input", 262_144),
+            hidden_size_per_layer_input=f.int("hidden_size_per_layer_input", 256, none_is=0),
+            num_kv_shared_layers=f.int("num_kv_shared_layers", 0, none_is=0),
+            num_global_key_value_heads=_as_int("num_global_key_value_heads", full_kv_heads),
+            attention_k_eq_v=f.bool("attention_k_eq_v", False),
+            use_double_wide_mlp=f.bool("use_double_wide_mlp", False),
+            final_logit_softcapping=f.float("final_logit_softcapping", None),
+            rms_norm_eps=f.float("rms_norm_eps", 1e-6),
+            rope=rope,
+            hidden_activation=str(cfg.get("hidden_activation", "gelu_pytorch_tanh")),
+            pad_token_id=f.int("pad_token_id", 0, none_is=None),
+            bos_token_id=f.int("bos_token_id", 2, none_is=None),
+            eos_token_id=tuple(eos_list),
+        )
         if cfg.get("tie_word_embeddings") is False:
             raise UserError(
                 "config.json: tie_word_embeddings=false is not supported (Gemma 4 ties the LM head)"
@@ -297,8 +288,10 @@ class Gemma4Spec:
     @classmethod
     def from_checkpoint_dir(cls, path: Path) -> Gemma4Spec:
         cfg_path = path / "config.json"
+        if not path.exists():
+            raise UserError(f"{path}: no such checkpoint folder")
         if not path.is_dir():
-            raise UserError(f"{path}: not a directory")
+            raise UserError(f"{path}: not a directory (export takes the checkpoint folder)")
         if not cfg_path.is_file():
             raise UserError(f"{cfg_path}: missing (an HF checkpoint folder needs config.json)")
         try:
@@ -314,6 +307,58 @@ class Gemma4Spec:
         from exporter.weights import hf_weight_shapes  # local: avoid an import cycle
 
         return sum(math.prod(s) for s in hf_weight_shapes(self).values())
+
+
+_MISSING: Any = object()
+
+
+def _as_int(key: str, value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise UserError(f"config.json: field {key!r} must be an integer, got {value!r}")
+    return value
+
+
+class _Fields:
+    """Typed reads of config.json fields; a wrong type is an error naming the field."""
+
+    def __init__(self, cfg: dict[str, Any], prefix: str = ""):
+        self.cfg, self.prefix = cfg, prefix
+
+    def _get(self, key: str, default: Any, none_is: Any) -> Any:
+        if key not in self.cfg:
+            if default is _MISSING:
+                raise UserError(f"config.json: missing required field {self.prefix + key!r}")
+            return default
+        value = self.cfg[key]
+        if value is None:
+            if none_is is _MISSING:
+                raise UserError(f"config.json: field {self.prefix + key!r} is null")
+            return none_is
+        return value
+
+    def int(self, key: str, default: Any = _MISSING, none_is: Any = _MISSING) -> Any:
+        value = self._get(key, default, none_is)
+        if value is None or value is default or value is none_is:
+            return value
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"config.json: field {self.prefix + key!r} must be an integer, got {value!r}")
+        return value
+
+    def float(self, key: str, default: Any = _MISSING) -> Any:
+        value = self._get(key, default, None)
+        if value is None or value is default:
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"config.json: field {self.prefix + key!r} must be a number, got {value!r}")
+        return float(value)
+
+    def bool(self, key: str, default: bool) -> bool:
+        value = self._get(key, default, default)
+        if not isinstance(value, bool):
+            raise UserError(f"config.json: field {self.prefix + key!r} must be true or false, got {value!r}")
+        return value
 
 
 def _full_layer_overrides(cfg: dict[str, Any], layer_types: list[str]) -> tuple[int | None, int | None]:

@@ -23,6 +23,9 @@ from rich.progress import (
 )
 from rich.table import Table
 
+# typer 0.29 vendors click; its usage errors are not exported at the top level
+from typer._click.exceptions import NoArgsIsHelpError, UsageError  # noqa: E402
+
 from ple_export.errors import UserError
 
 app = typer.Typer(
@@ -114,7 +117,7 @@ def synth(
                 output,
                 dtype,
                 seed,
-                _parse_size(shard_size),
+                _parse_size(shard_size, "--shard-size"),
                 overwrite,
                 lambda n, total: progress("synth", n, total),
             )
@@ -133,8 +136,8 @@ def export(
     checkpoint: Annotated[Path, typer.Argument(help="HF checkpoint folder (config.json + safetensors).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Bundle folder to create.")],
     page_size: Annotated[
-        int, typer.Option(help="Alignment of large tensors and the PLE table, bytes.")
-    ] = 16384,
+        str, typer.Option(help="Alignment of the PLE table and large tensors: 16KiB, 4096, ...")
+    ] = "16KiB",
     ple_dtype: Annotated[str, typer.Option(help="checkpoint | bf16 | fp16 | fp32")] = "checkpoint",
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output folder.")] = False,
     as_json: JsonFlag = False,
@@ -144,7 +147,9 @@ def export(
     with _user_errors():
         from exporter.export import ExportOptions, export_bundle
 
-        opts = ExportOptions(page_size=page_size, ple_dtype=ple_dtype, overwrite=overwrite)
+        opts = ExportOptions(
+            page_size=_parse_size(page_size, "--page-size"), ple_dtype=ple_dtype, overwrite=overwrite
+        )
         with _progress(not quiet and not as_json) as progress:
             result = export_bundle(checkpoint, output, opts, progress)
         summary = _bundle_summary(result.out_dir, result.manifest) | {"seconds": round(result.seconds, 2)}
@@ -221,8 +226,19 @@ def demo(
 # ---- helpers -------------------------------------------------------------------------------------
 
 
-def _parse_size(text: str) -> int:
-    units = {"KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "B": 1}
+def _parse_size(text: str, flag: str) -> int:
+    units = {
+        "KIB": 1 << 10,
+        "MIB": 1 << 20,
+        "GIB": 1 << 30,
+        "KB": 1 << 10,
+        "MB": 1 << 20,
+        "GB": 1 << 30,
+        "K": 1 << 10,
+        "M": 1 << 20,
+        "G": 1 << 30,
+        "B": 1,
+    }
     t = text.strip().upper()
     for unit in sorted(units, key=len, reverse=True):
         if t.endswith(unit):
@@ -233,9 +249,9 @@ def _parse_size(text: str) -> int:
     try:
         value = int(float(t) * mult)
     except ValueError:
-        raise UserError(f"cannot read size {text!r} (examples: 2GB, 500MB, 1048576)") from None
+        raise UserError(f"{flag}: cannot read size {text!r} (examples: 2GB, 16KiB, 4096)") from None
     if value <= 0:
-        raise UserError(f"size must be positive, got {text!r}")
+        raise UserError(f"{flag}: size must be positive, got {text!r}")
     return value
 
 
@@ -322,6 +338,23 @@ def _verify(bundle: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     return {"checked": len(manifest["files"]), "problems": problems}
 
 
-def main() -> None:  # pragma: no cover - console entry for `python -m ple_export`
+def main() -> None:
+    """Console entry: usage errors become one line too (typer would draw a multi-line box)."""
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
-    app()
+    try:
+        rv = app(standalone_mode=False)
+    except NoArgsIsHelpError as e:
+        out.print(e.ctx.get_help() if e.ctx else "ple-export --help", highlight=False)
+        sys.exit(0)
+    except UsageError as e:
+        command = e.ctx.command_path if e.ctx else "ple-export"
+        err.print(
+            f"[bold red]error:[/] {e.format_message()} (see `{command} --help`)",
+            highlight=False,
+            soft_wrap=True,
+        )
+        sys.exit(EXIT_USER_ERROR)
+    except typer.Abort:
+        err.print("[bold red]error:[/] interrupted", highlight=False)
+        sys.exit(EXIT_INTERRUPTED)
+    sys.exit(rv if isinstance(rv, int) else 0)
