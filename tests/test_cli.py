@@ -441,7 +441,12 @@ def test_ctrl_c_mid_export_leaves_nothing(existing: bool, clean_ckpt: Path, tmp_
         proc = job.result(timeout=60)
     finally:
         job.stop()
-    assert_user_error(proc, "interrupted", code=EXIT_INTERRUPTED)
+    # `python -m` (not the `ple-export` script) may end killed by SIGINT after printing the error: a
+    # CPython 3.11 quirk when the KeyboardInterrupt surfaced inside exec()/eval() of a string (e.g.
+    # a dataclass or namedtuple being built) - Py_RunMain then re-raises SIGINT at exit even though
+    # the CLI handled it. A shell shows both as status 130.
+    code = -signal.SIGINT if proc.returncode == -signal.SIGINT else EXIT_INTERRUPTED
+    assert_user_error(proc, "interrupted", code=code)
     assert_nothing_left(out, before)
 
 
