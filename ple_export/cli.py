@@ -54,7 +54,7 @@ def _user_errors() -> Iterator[None]:
     except UserError as e:
         _fail(str(e))
     except KeyboardInterrupt:
-        _fail("interrupted; nothing was left behind", EXIT_INTERRUPTED)
+        _fail("interrupted; no partial output was left behind", EXIT_INTERRUPTED)
 
 
 @contextmanager

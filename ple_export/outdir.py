@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import signal
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -50,6 +51,16 @@ def staged_output(out_dir: Path, overwrite: bool) -> Iterator[Path]:
 
 
 def _commit(tmp: Path, out_dir: Path) -> None:
+    """Swap the finished folder in with Ctrl-C held back: the renames and the old folder's removal
+    happen all or not at all from the user's point of view (a held SIGINT fires right after)."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        _swap(tmp, out_dir)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
+def _swap(tmp: Path, out_dir: Path) -> None:
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it private
