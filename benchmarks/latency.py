@@ -3,11 +3,16 @@
 Engines: onnxruntime on the exported bundle (`BundleSession`), our PyTorch eager reference
 (`exporter.reference`), and transformers' `Gemma4ForCausalLM` (eager attention, DynamicCache).
 A synthetic checkpoint and its bundle are built once and cached under --workdir, keyed by the spec.
-Each engine gets one untimed warm-up run; timed runs are interleaved round-robin across engines so
-machine noise spreads over all of them. Ratios are medians of per-repeat (paired) ratios.
+Each engine gets one untimed warm-up run, then --repeats timed runs (prefill, then one decode step
+per token), interleaved round-robin across engines (rotating who goes first) so the noise of this
+shared machine spreads over all of them; ratios are medians of per-repeat (paired) ratios.
+Runs are whole, not interleaved token by token: onnxruntime's intra-op pool spins ~25 ms of a core
+after every Run (its default), which slowed a PyTorch step that followed it by ~40% on 2 cores.
+A short idle gap before each run keeps that out of the next engine's timings.
+All engines compute logits for every prompt position, as the bundle's decoder does.
 
     python benchmarks/latency.py [--preset small|tiny] [--prompt-len 128] [--new-tokens 32]
-                                 [--repeats 5] [--threads 2] [--workdir DIR] [--json]
+                                 [--repeats 5] [--threads 2] [--workdir DIR] [--json] [--rebuild]
 """
 
 from __future__ import annotations
@@ -15,8 +20,10 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -24,16 +31,19 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from exporter.export import ExportOptions, export_bundle
 from exporter.gemma4 import empty_past
+from exporter.manifest import FORMAT_VERSION
 from exporter.reference import load_reference
 from exporter.spec import FULL, SLIDING, Gemma4Spec, get_preset
 from exporter.synth import synth_to_folder
 from runtime_harness.session import BundleSession
 
 SYNTH_DTYPE, SYNTH_SEED = "bf16", 0
+SETTLE_S = 0.1  # idle gap before each timed run (> onnxruntime's ~25 ms post-Run spin)
 CHECK_TOKENS = 8  # greedy tokens that must agree across engines (prefill's + the first decode steps)
 log = Console(stderr=True)
 
@@ -51,19 +61,20 @@ def small_spec() -> Gemma4Spec:
     )
 
 
-def prepare(preset: str, workdir: Path) -> tuple[Gemma4Spec, Path, Path]:
-    """(spec, checkpoint, bundle), built unless already cached for exactly this spec."""
+def prepare(preset: str, workdir: Path, rebuild: bool) -> tuple[Gemma4Spec, Path, Path]:
+    """(spec, checkpoint, bundle), built unless cached for exactly this spec (and bundle format).
+    A cached bundle predates later exporter changes: `rebuild` re-exports it."""
     spec = small_spec() if preset == "small" else get_preset(preset)
     spec.validate()
-    key_src = json.dumps([spec.to_hf_config(), SYNTH_DTYPE, SYNTH_SEED], sort_keys=True)
+    key_src = json.dumps([spec.to_hf_config(), SYNTH_DTYPE, SYNTH_SEED, FORMAT_VERSION], sort_keys=True)
     root = workdir.expanduser() / f"{preset}-{hashlib.sha256(key_src.encode()).hexdigest()[:12]}"
     ckpt, bundle = root / "checkpoint", root / "bundle"
     root.mkdir(parents=True, exist_ok=True)
     if not (ckpt / "config.json").is_file():  # synth_to_folder and export_bundle commit atomically
         t = time.perf_counter()
         synth_to_folder(spec, ckpt, SYNTH_DTYPE, SYNTH_SEED, overwrite=True)
-        log.print(f"synthesized {spec.num_parameters() / 1e6:.0f}M params in {time.perf_counter() - t:.1f}s")
-    if not (bundle / "manifest.json").is_file():
+        log.print(f"synthesized {spec.num_parameters() / 1e6:.3g}M params in {time.perf_counter() - t:.1f}s")
+    if rebuild or not (bundle / "manifest.json").is_file():
         t = time.perf_counter()
         export_bundle(ckpt, bundle, ExportOptions(overwrite=True))
         log.print(f"exported bundle in {time.perf_counter() - t:.1f}s")
@@ -72,16 +83,12 @@ def prepare(preset: str, workdir: Path) -> tuple[Gemma4Spec, Path, Path]:
 
 
 class Engine(Protocol):
-    name: str
-
     def prefill(self, prompt: np.ndarray) -> int: ...  # fresh cache; returns the first greedy token
 
     def step(self, token: int) -> int: ...  # one decode step; returns the next greedy token
 
 
 class OrtEngine:
-    name = "onnxruntime"
-
     def __init__(self, bundle: Path, threads: int):
         self.session = BundleSession(bundle, threads=threads)
 
@@ -93,52 +100,63 @@ class OrtEngine:
         return int(self.session.forward(np.array([[token]], dtype=np.int64), self.cache)[0, -1].argmax())
 
 
-class ReferenceEngine:
-    name = "pytorch-eager"
+class TorchEngine:
+    """A PyTorch model: `reset` starts an empty cache, `run` feeds ids and returns the next greedy token."""
 
+    def reset(self) -> None:
+        raise NotImplementedError
+
+    def run(self, ids: torch.Tensor) -> int:
+        raise NotImplementedError
+
+    def prefill(self, prompt: np.ndarray) -> int:
+        self.reset()
+        return self.run(torch.from_numpy(prompt))
+
+    def step(self, token: int) -> int:
+        return self.run(torch.tensor([[token]]))
+
+
+class ReferenceEngine(TorchEngine):
     def __init__(self, ckpt: Path):
         self.spec, self.embedder, self.decoder = load_reference(ckpt, torch.float32)
         self.past: list[torch.Tensor] = []
         self.position = 0
 
-    def _run(self, ids: torch.Tensor) -> int:
+    def reset(self) -> None:
+        self.past, self.position = empty_past(self.spec, 1, torch.float32), 0
+
+    def run(self, ids: torch.Tensor) -> int:
         positions = torch.arange(self.position, self.position + ids.shape[1])[None]
         logits, *self.past = self.decoder(ids, self.embedder(ids), positions, *self.past)
         self.position += ids.shape[1]
         return int(logits[0, -1].argmax())
 
-    def prefill(self, prompt: np.ndarray) -> int:
-        self.past, self.position = empty_past(self.spec, 1, torch.float32), 0
-        return self._run(torch.from_numpy(prompt))
 
-    def step(self, token: int) -> int:
-        return self._run(torch.tensor([[token]]))
-
-
-class TransformersEngine:
-    name = "transformers"
-
+class TransformersEngine(TorchEngine):
     def __init__(self, ckpt: Path):
         from transformers import Gemma4ForCausalLM
         from transformers.cache_utils import DynamicCache
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-
         self.model = Gemma4ForCausalLM.from_pretrained(ckpt, dtype=torch.float32, attn_implementation="eager")
         self.model.eval()
         self.new_cache = lambda: DynamicCache(config=self.model.config)
 
-    def _run(self, ids: torch.Tensor) -> int:
+    def reset(self) -> None:
+        self.cache = self.new_cache()
+
+    def run(self, ids: torch.Tensor) -> int:
         out = self.model(input_ids=ids, past_key_values=self.cache, use_cache=True)
         return int(out.logits[0, -1].argmax())
 
-    def prefill(self, prompt: np.ndarray) -> int:
-        self.cache = self.new_cache()
-        return self._run(torch.from_numpy(prompt))
 
-    def step(self, token: int) -> int:
-        return self._run(torch.tensor([[token]]))
+@dataclass
+class Run:
+    tokens: list[int]  # greedy: the prefill's, then one per decode step
+    ttft_s: float
+    step_s: list[float]  # per decode step
 
 
 @dataclass
@@ -151,17 +169,15 @@ class Result:
 
 
 @torch.inference_mode()
-def run_once(engine: Engine, prompt: np.ndarray, new_tokens: int) -> tuple[float, float, list[int]]:
-    """(TTFT seconds, median decode seconds per token, greedy tokens)."""
+def run_once(engine: Engine, prompt: np.ndarray, new_tokens: int) -> Run:
+    time.sleep(SETTLE_S)  # let the previous engine's thread pool stop spinning
     t0 = time.perf_counter()
-    tokens = [engine.prefill(prompt)]
-    ttft = time.perf_counter() - t0
-    latencies = []
+    run = Run([engine.prefill(prompt)], time.perf_counter() - t0, [])
     for _ in range(new_tokens):
         t = time.perf_counter()
-        tokens.append(engine.step(tokens[-1]))
-        latencies.append(time.perf_counter() - t)
-    return ttft, statistics.median(latencies), tokens
+        run.tokens.append(engine.step(run.tokens[-1]))
+        run.step_s.append(time.perf_counter() - t)
+    return run
 
 
 def spread(values: list[float]) -> dict[str, float]:
@@ -177,15 +193,16 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--workdir", type=Path, default=Path("~/.cache/ple-export-bench"))
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    p.add_argument("--rebuild", action="store_true", help="re-export the cached bundle")
     args = p.parse_args()
     if min(args.prompt_len, args.new_tokens, args.repeats, args.threads) < 1:
         p.error("--prompt-len, --new-tokens, --repeats and --threads must be >= 1")
     wall0 = time.perf_counter()
     torch.set_num_threads(args.threads)
-    spec, ckpt, bundle = prepare(args.preset, args.workdir)
+    spec, ckpt, bundle = prepare(args.preset, args.workdir, args.rebuild)
 
     notes: list[str] = []
-    factories: list[tuple[str, Any]] = [
+    factories: list[tuple[str, Callable[[], Engine]]] = [
         ("onnxruntime", lambda: OrtEngine(bundle, args.threads)),
         ("pytorch-eager", lambda: ReferenceEngine(ckpt)),
         ("transformers", lambda: TransformersEngine(ckpt)),
@@ -203,29 +220,40 @@ def main() -> None:
         log.print(f"loaded {name} in {results[name].load_s:.2f}s")
 
     prompt = np.random.default_rng(0).integers(0, spec.vocab_size, (1, args.prompt_len), dtype=np.int64)
-    for name, engine in engines.items():  # warm-up, untimed; its tokens feed the sanity check
-        results[name].tokens = run_once(engine, prompt, args.new_tokens)[2]
+    loads = [os.getloadavg()[0]]  # sampled before and after every repeat
+    order = list(engines.items())
+    for name, engine in order:  # warm-up, untimed; its tokens feed the sanity check
+        results[name].tokens = run_once(engine, prompt, args.new_tokens).tokens
     for r in range(args.repeats):
-        for name, engine in engines.items():  # round-robin across engines
-            ttft, per_token, _ = run_once(engine, prompt, args.new_tokens)
+        for name, engine in order[r % len(order) :] + order[: r % len(order)]:  # round-robin, rotated
+            run = run_once(engine, prompt, args.new_tokens)
             res = results[name]
-            res.ttft_ms.append(ttft * 1e3)
-            res.prefill_tok_s.append(args.prompt_len / ttft)
-            res.decode_tok_s.append(1.0 / per_token)
-        log.print(f"repeat {r + 1}/{args.repeats} done")
+            res.ttft_ms.append(run.ttft_s * 1e3)
+            res.prefill_tok_s.append(args.prompt_len / run.ttft_s)
+            res.decode_tok_s.append(1.0 / statistics.median(run.step_s))
+        loads.append(os.getloadavg()[0])
+        log.print(f"repeat {r + 1}/{args.repeats} done (1-min load average {loads[-1]:.1f})")
 
     check = min(CHECK_TOKENS, args.new_tokens + 1)
     first = {name: res.tokens[:check] for name, res in results.items()}
     tokens_match = len({tuple(t) for t in first.values()}) == 1
     if not tokens_match:
         notes.append(f"WARNING: greedy tokens differ in the first {check}: {first}")
+    cpus = os.cpu_count() or 1
+    if max(loads) > cpus + 1:  # this run keeps about `threads` runnable itself
+        notes.append(
+            f"WARNING: 1-min load average reached {max(loads):.1f} on {cpus} CPUs: other processes competed "
+            "for the cores. The engines degrade unequally under oversubscription (PyTorch's OpenMP far "
+            "more than onnxruntime), so even side-by-side ratios are unreliable; rerun on a quiet machine."
+        )
 
     manifest = json.loads((bundle / "manifest.json").read_text())
     weight_bytes = sum(f["bytes"] for f in manifest["files"] if f["role"] == "decoder_weights")
     report: dict[str, Any] = {
         "preset": args.preset, "num_parameters": spec.num_parameters(), "decoder_weight_bytes": weight_bytes,
         "threads": args.threads, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-        "repeats": args.repeats, "engines": {}, "ratios": {}, "tokens_match": tokens_match, "notes": notes,
+        "repeats": args.repeats, "cpus": cpus, "load_avg_1m": spread(loads),
+        "tokens_match": tokens_match, "notes": notes, "engines": {}, "ratios": {},
     }
     for name, res in results.items():
         decode = statistics.median(res.decode_tok_s)
@@ -243,6 +271,8 @@ def main() -> None:
             }
     report["wall_s"] = time.perf_counter() - wall0
     if args.json:
+        for note in notes:
+            log.print(note, style="yellow", markup=False)
         print(json.dumps(report, indent=2))
     else:
         print_report(report)
@@ -253,11 +283,12 @@ def print_report(rep: dict[str, Any]) -> None:
         return f"{s['median']:.1f} [{s['min']:.1f}-{s['max']:.1f}]"
 
     out = Console(width=max(Console().width, 132))
-    table = Table(title=(
-        f"preset {rep['preset']}: {rep['num_parameters'] / 1e6:.3g}M params, decoder weights "
-        f"{rep['decoder_weight_bytes'] / 1e6:.4g} MB | prompt {rep['prompt_len']}, {rep['new_tokens']} new "
-        f"tokens, {rep['threads']} threads, {rep['repeats']} repeats: median [min-max]"
-    ))
+    table = Table(
+        title=f"preset {rep['preset']}: {rep['num_parameters'] / 1e6:.3g}M params (decoder weights "
+        f"{rep['decoder_weight_bytes'] / 1e6:.4g} MB), prompt {rep['prompt_len']}, {rep['new_tokens']} new "
+        f"tokens, batch 1, {rep['threads']} threads",
+        caption=escape(f"median [min-max] of {rep['repeats']} timed runs per engine"),
+    )
     for col in ("engine", "load s", "TTFT ms", "prefill tok/s", "decode tok/s", "decode weight GB/s"):
         table.add_column(col, justify="left" if col == "engine" else "right")
     for name, e in rep["engines"].items():
@@ -266,7 +297,9 @@ def print_report(rep: dict[str, Any]) -> None:
     out.print(table)
     for pair, r in rep["ratios"].items():
         out.print(f"{pair}: prefill x{r['prefill_tok_s']:.2f}, decode x{r['decode_tok_s']:.2f}")
-    out.print(f"greedy tokens agree across engines: {rep['tokens_match']}; wall {rep['wall_s']:.1f}s")
+    load = rep["load_avg_1m"]
+    out.print(f"greedy tokens agree across engines: {rep['tokens_match']}; wall {rep['wall_s']:.1f}s; "
+              f"1-min load average in timed runs {load['min']:.1f}-{load['max']:.1f} on {rep['cpus']} CPUs")
     for note in rep["notes"]:
         out.print(note, style="yellow", markup=False)
 
