@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 from exporter.spec import Gemma4Spec
 from exporter.trace import IR_VERSION, OPSET
+from ple_export.errors import UserError
+from ple_export.jsonfile import read_json_object
 
 if TYPE_CHECKING:
     from exporter.export import Checkpoint
@@ -194,20 +196,45 @@ def write(bundle: Path, manifest: dict[str, Any]) -> None:
 
 
 def load(bundle: Path) -> dict[str, Any]:
-    from ple_export.errors import UserError
-
     path = bundle / MANIFEST_FILE
     if not path.is_file():
         raise UserError(f"{bundle}: no {MANIFEST_FILE} (not a ple-export bundle, or an unfinished export)")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+    manifest = read_json_object(path)
+    if manifest.get("format") != FORMAT:
         raise UserError(f"{path}: not a ple-export manifest")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise UserError(
             f"{path}: format_version {manifest.get('format_version')} is not supported "
             f"(this ple-export reads {FORMAT_VERSION})"
         )
+    for key in _REQUIRED:
+        node: Any = manifest
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                raise UserError(f"{path}: malformed manifest, missing {key!r}")
+            node = node[part]
     return manifest
+
+
+# what the CLI and runtime_harness read; a manifest without them is refused up front
+_REQUIRED = (
+    "files",
+    "model.spec",
+    "model.num_parameters",
+    "model.family",
+    "graphs.embedder.file",
+    "graphs.embedder.inputs",
+    "graphs.embedder.outputs",
+    "graphs.decoder.file",
+    "graphs.decoder.inputs",
+    "graphs.decoder.outputs",
+    "ple.rows",
+    "ple.row_bytes",
+    "ple.dtype",
+    "ple.page_size",
+    "ple.pages_per_token.min",
+    "ple.pages_per_token.mean",
+    "ple.pages_per_token.max",
+    "kv_cache.layers",
+    "generation.eos_token_ids",
+)

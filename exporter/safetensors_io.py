@@ -30,6 +30,7 @@ import ml_dtypes
 import numpy as np
 
 from ple_export.errors import UserError
+from ple_export.jsonfile import read_json_object
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -163,13 +164,7 @@ def open_checkpoint(folder: Path) -> dict[str, TensorInfo]:
 
 
 def _open_sharded(folder: Path, index: Path) -> dict[str, TensorInfo]:
-    try:
-        doc = json.loads(index.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise UserError(f"{index}: not valid JSON ({e})") from None
-    except OSError as e:
-        raise UserError(f"{index}: cannot read ({e.strerror or e})") from None
-    weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+    weight_map = read_json_object(index).get("weight_map")
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise UserError(f"{index}: no 'weight_map' object mapping tensor names to shard files")
     by_shard: dict[str, list[str]] = {}

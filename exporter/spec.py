@@ -7,13 +7,13 @@ numbers (missing PLE, MoE, unknown RoPE types) and lenient about fields that do 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ple_export.errors import UserError
+from ple_export.jsonfile import read_json_object
 
 SLIDING = "sliding_attention"
 FULL = "full_attention"
@@ -294,13 +294,7 @@ class Gemma4Spec:
             raise UserError(f"{path}: not a directory (export takes the checkpoint folder)")
         if not cfg_path.is_file():
             raise UserError(f"{cfg_path}: missing (an HF checkpoint folder needs config.json)")
-        try:
-            cfg = json.loads(cfg_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"{cfg_path}: not valid JSON ({e})") from None
-        if not isinstance(cfg, dict):
-            raise UserError(f"{cfg_path}: expected a JSON object")
-        return cls.from_hf_config(cfg)
+        return cls.from_hf_config(read_json_object(cfg_path))
 
     # ---- parameter count -----------------------------------------------------------------------
     def num_parameters(self) -> int:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import signal
+import threading
 import warnings
 from collections.abc import Iterator
 
@@ -30,6 +32,31 @@ def kv_input_names(spec: Gemma4Spec) -> list[str]:
 
 def kv_output_names(spec: Gemma4Spec) -> list[str]:
     return [f"present_{kv}.{i}" for i in spec.kv_layers for kv in ("key", "value")]
+
+
+@contextlib.contextmanager
+def _interruptible() -> Iterator[None]:
+    """Ctrl-C during tracing must stop the export. A KeyboardInterrupt raised inside dynamo can come
+    back wrapped as an ordinary error, and torch.onnx.export then silently retries with another
+    capture strategy; remember the signal and raise again once tracing returns."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    interrupted = False
+    previous = signal.getsignal(signal.SIGINT)
+
+    def on_sigint(signum: int, frame: object) -> None:
+        nonlocal interrupted
+        interrupted = True
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if interrupted:
+        raise KeyboardInterrupt
 
 
 @contextlib.contextmanager
@@ -78,7 +105,7 @@ def _strip_metadata(model: ir.Model) -> None:
 
 def trace_decoder(spec: Gemma4Spec) -> ir.Model:
     """The decoder graph with dynamic batch, sequence and per-layer past lengths."""
-    with _quiet(), FakeTensorMode(allow_non_fake_inputs=True):
+    with _interruptible(), _quiet(), FakeTensorMode(allow_non_fake_inputs=True):
         module = Gemma4Decoder(spec).eval()
         b, s, p = 2, 5, 3
         ids = torch.zeros(b, s, dtype=torch.int64)
@@ -110,7 +137,7 @@ def trace_decoder(spec: Gemma4Spec) -> ir.Model:
 
 def trace_embedder(spec: Gemma4Spec, table_dtype: torch.dtype) -> ir.Model:
     """The lookup-only PLE embedder: input_ids -> per_layer_inputs."""
-    with _quiet(), FakeTensorMode(allow_non_fake_inputs=True):
+    with _interruptible(), _quiet(), FakeTensorMode(allow_non_fake_inputs=True):
         module = PLEEmbedder(spec, table_dtype).eval()
         ids = torch.zeros(2, 5, dtype=torch.int64)
         batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")

@@ -310,9 +310,10 @@ def _print_summary(summary: dict[str, Any], headline: str | None) -> None:
         f"{m['num_parameters'] / 1e6:,.1f}M parameters, {m['layers']} layers, "
         f"KV cache in {len(m['kv_layers'])} layers"
     )
+    pages = ple["pages_per_token"]
     out.print(
-        f"PLE table: {ple['rows']:,} rows x {ple['row_bytes']:,} B ({ple['dtype']}); "
-        f"{ple['pages_per_token']} page(s) of {ple['page_size'] // 1024} KiB per token"
+        f"PLE table: {ple['rows']:,} rows x {ple['row_bytes']:,} B ({ple['dtype']}); a token reads "
+        f"{pages['min']}-{pages['max']} (mean {pages['mean']}) page(s) of {ple['page_size'] // 1024} KiB"
     )
     if "verify" in summary:
         v = summary["verify"]

@@ -152,3 +152,23 @@ def test_onnxruntime_maps_the_ple_table_instead_of_copying_it(tmp_path: Path) ->
     rss = json.loads(probe.stdout)
     anon_growth = rss["after"]["RssAnon"] - rss["before"]["RssAnon"]
     assert anon_growth < table_bytes / 10, f"anonymous RSS grew {anon_growth / 2**20:.1f} MiB: table copied?"
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "fp32"])
+def test_fp16_and_fp32_checkpoints_export_and_match_the_reference(dtype: str, tmp_path: Path) -> None:
+    import numpy as np
+    import torch
+
+    from exporter.reference import greedy_logits, load_reference
+    from runtime_harness.session import BundleSession
+
+    spec = VARIANTS["tiny"]
+    ckpt = synth_checkpoint(spec, tmp_path / "ckpt", dtype=dtype)
+    bundle = export_bundle(ckpt, tmp_path / "bundle").out_dir
+    table = _load_proto(bundle / "embedder.onnx").graph.initializer[0]
+    assert table.data_type == {"fp16": onnx.TensorProto.FLOAT16, "fp32": onnx.TensorProto.FLOAT}[dtype]
+    prompt = torch.randint(0, spec.vocab_size, (1, 12), generator=torch.Generator().manual_seed(3))
+    ref = greedy_logits(*load_reference(ckpt), prompt, 4)
+    ours = BundleSession(bundle).generate(prompt.numpy(), 4, stop_at_eos=False).step_logits
+    for a, b in zip(ours, ref, strict=True):
+        assert np.abs(a - b.numpy()).max() <= 1e-4 * np.abs(b.numpy()).max()
