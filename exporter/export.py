@@ -143,7 +143,7 @@ def _write_embedder(
 
 def _write_decoder(
     ckpt: Checkpoint, tmp: Path, opts: ExportOptions, progress: Progress, hashes: dict[str, str]
-) -> ir.Model:
+) -> None:
     model = trace_decoder(ckpt.spec)
     TiedLmHeadToGemm()(model)
     computed = {k: v.numpy() for k, v in rope_buffers(ckpt.spec).items()}
@@ -168,7 +168,6 @@ def _write_decoder(
             bind_external(value, DECODER_DATA_FILE, placement, tmp)
         hashes[DECODER_DATA_FILE] = w.close()[1]
     ir.save(model, tmp / DECODER_FILE)
-    return model
 
 
 def export_bundle(
@@ -193,6 +192,6 @@ def export_bundle(
                 shutil.copyfile(checkpoint / name, tmp / name)
         options = asdict(opts) | {"ple_dtype": ple_dtype}
         del options["overwrite"]  # how the folder was replaced is not a property of the bundle
-        manifest = manifest_mod.build(tmp, ckpt.spec, ckpt, ple_dtype, options, hashes)
+        manifest = manifest_mod.build(tmp, ckpt, ple_dtype, options, hashes)
         manifest_mod.write(tmp, manifest)  # last: a folder without manifest.json is not a bundle
     return ExportResult(out_dir.absolute(), manifest, time.perf_counter() - t0)

@@ -196,10 +196,9 @@ class Gemma4Decoder(nn.Module):
         self.ple_projection_norm = RMSNorm(spec.hidden_size_per_layer_input, spec.rms_norm_eps)
         self.layers = nn.ModuleList(DecoderLayer(spec, i) for i in range(spec.num_hidden_layers))
         self.final_norm = RMSNorm(h, spec.rms_norm_eps)
-        # RoPE frequencies are not in checkpoints: `rope_buffers(spec)` gives their values.
-        for lt in sorted(set(spec.layer_types)):
-            dim = spec.head_dim if lt == "sliding_attention" else spec.global_head_dim
-            self.register_buffer(f"rope_inv_freq_{lt}", rope_inv_freq(spec.rope[lt], dim))
+        # RoPE frequencies are not in checkpoints: the exporter binds them from `rope_buffers(spec)`.
+        for name, value in rope_buffers(spec).items():
+            self.register_buffer(name, value)
 
     def forward(self, input_ids, per_layer_inputs, position_ids, *past):  # type: ignore[no-untyped-def]
         spec = self.spec
@@ -217,7 +216,7 @@ class Gemma4Decoder(nn.Module):
         per_layer = (proj + per_layer_inputs) * (2.0**-0.5)
 
         rope: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        for lt in set(spec.layer_types):
+        for lt in sorted(set(spec.layer_types)):  # sorted: graph order must not depend on hash seeds
             inv = getattr(self, f"rope_inv_freq_{lt}")
             freqs = position_ids[..., None].float() * inv  # [B, S, hd/2]
             emb = torch.cat((freqs, freqs), dim=-1)

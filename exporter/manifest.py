@@ -131,13 +131,13 @@ def _versions() -> dict[str, str]:
 
 def build(
     bundle: Path,
-    spec: Gemma4Spec,
     ckpt: Checkpoint,
     ple_dtype: str,
     options: dict[str, Any],
     hashes: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     hashes = hashes or {}
+    spec = ckpt.spec
     files = []
     for path in sorted(p for p in bundle.iterdir() if p.is_file() and p.name != MANIFEST_FILE):
         placement, role = _ROLES.get(path.name, ("none", "metadata"))
