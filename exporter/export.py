@@ -20,6 +20,7 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
+from exporter import dtypes
 from exporter import manifest as manifest_mod
 from exporter.gemma4 import rope_buffers
 from exporter.layout import DataFileWriter, bind_external, tensor_nbytes
@@ -43,8 +44,6 @@ COPIED_FILES = (
     "special_tokens_map.json",
     "chat_template.jinja",
 )
-PLE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-_SAFETENSORS_TO_OURS = {"BF16": "bf16", "F16": "fp16", "F32": "fp32"}
 CHUNK_BYTES = 64 << 20
 
 
@@ -56,11 +55,11 @@ class ExportOptions:
     overwrite: bool = False
 
     def validate(self) -> None:
-        if self.page_size < 4096 or self.page_size & (self.page_size - 1):
-            raise UserError(f"--page-size must be a power of two >= 4096, got {self.page_size}")
-        if self.ple_dtype != "checkpoint" and self.ple_dtype not in PLE_DTYPES:
+        if not 4096 <= self.page_size <= 1 << 20 or self.page_size & (self.page_size - 1):
+            raise UserError(f"--page-size must be a power of two from 4 KiB to 1 MiB, got {self.page_size}")
+        if self.ple_dtype != "checkpoint" and self.ple_dtype not in dtypes.TORCH:
             raise UserError(
-                f"--ple-dtype must be one of checkpoint, {', '.join(PLE_DTYPES)}; got {self.ple_dtype!r}"
+                f"--ple-dtype must be one of checkpoint, {', '.join(dtypes.TORCH)}; got {self.ple_dtype!r}"
             )
         if self.decoder_dtype != "fp32":
             raise UserError(f"--decoder-dtype {self.decoder_dtype!r} is not supported yet (fp32 only)")
@@ -91,10 +90,11 @@ def read_checkpoint(path: Path) -> Checkpoint:
     spec = Gemma4Spec.from_checkpoint_dir(path)
     tensors = open_checkpoint(path)
     mapping = map_checkpoint(spec, tensors)
-    dtypes = {tensors[n].dtype for n in mapping.values()}
-    unsupported = dtypes - set(_SAFETENSORS_TO_OURS)
-    if unsupported:
-        raise UserError(f"{path}: unsupported weight dtype(s) {sorted(unsupported)} (bf16, fp16, fp32 only)")
+    for hf_name in mapping.values():
+        if tensors[hf_name].dtype not in dtypes.FROM_SAFETENSORS:
+            raise UserError(
+                f"tensor {hf_name} has dtype {tensors[hf_name].dtype} (weights must be bf16, fp16 or fp32)"
+            )
     return Checkpoint(path, spec, tensors, mapping)
 
 
@@ -105,7 +105,7 @@ def _fp32_chunks(info: TensorInfo) -> Iterator[np.ndarray]:
 
 def _ple_chunks(info: TensorInfo, target: str) -> Iterator[np.ndarray]:
     """The PLE table's rows in the target dtype; bytes pass through untouched when dtypes agree."""
-    source = _SAFETENSORS_TO_OURS[info.dtype]
+    source = dtypes.FROM_SAFETENSORS[info.dtype]
     for start, stop in iter_row_chunks(info, CHUNK_BYTES):
         if source == target:
             yield read_rows(info, start, stop, "raw")
@@ -113,7 +113,7 @@ def _ple_chunks(info: TensorInfo, target: str) -> Iterator[np.ndarray]:
             rows = read_rows(info, start, stop, "float32")
             yield (
                 torch.from_numpy(rows)
-                .to(PLE_DTYPES[target])
+                .to(dtypes.TORCH[target])
                 .view(torch.uint16 if target != "fp32" else torch.float32)
                 .numpy()
             )
@@ -127,7 +127,7 @@ def _write_embedder(
     progress: Progress,
     hashes: dict[str, str],
 ) -> None:
-    model = trace_embedder(ckpt.spec, PLE_DTYPES[ple_dtype])
+    model = trace_embedder(ckpt.spec, dtypes.TORCH[ple_dtype])
     table = model.graph.initializers["ple_table"]
     info = ckpt.info("ple_table")
     nbytes = tensor_nbytes(table)
@@ -179,11 +179,15 @@ def export_bundle(
     t0 = time.perf_counter()
     opts.validate()
     ckpt = read_checkpoint(checkpoint)
-    ple_source = _SAFETENSORS_TO_OURS[ckpt.info("ple_table").dtype]
+    ple_source = dtypes.FROM_SAFETENSORS[ckpt.info("ple_table").dtype]
     ple_dtype = ple_source if opts.ple_dtype == "checkpoint" else opts.ple_dtype
     report = progress or (lambda stage, n, total: None)
 
-    with staged_output(out_dir, opts.overwrite) as tmp:
+    src, dst = checkpoint.resolve(), out_dir.resolve()
+    if dst == src or src.is_relative_to(dst):
+        raise UserError(f"{out_dir}: the output folder would replace the checkpoint {checkpoint}")
+    is_bundle = lambda p: (p / manifest_mod.MANIFEST_FILE).is_file()  # noqa: E731
+    with staged_output(out_dir, opts.overwrite, is_bundle, "a ple-export bundle") as tmp:
         hashes: dict[str, str] = {}  # data files, hashed while written
         _write_embedder(ckpt, tmp, ple_dtype, opts, report, hashes)
         _write_decoder(ckpt, tmp, opts, report, hashes)

@@ -51,9 +51,9 @@ def rope_inv_freq(rope: RopeSpec, head_dim: int) -> torch.Tensor:
         exps = torch.arange(0, 2 * angles, 2, dtype=torch.int64).float() / head_dim
         inv = 1.0 / (rope.theta**exps)
         inv = torch.cat([inv, torch.zeros(head_dim // 2 - angles)])
-    else:  # default
-        inv = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
-    return inv / rope.factor
+        return inv / rope.factor
+    # default: `factor` does not apply (transformers' compute_default_rope_parameters ignores it)
+    return 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -171,7 +171,12 @@ class PLEEmbedder(nn.Module):
         self.width = spec.hidden_size_per_layer_input
         self.vocab = spec.vocab_size_per_layer_input
         self.ple_table = nn.Parameter(torch.zeros(self.vocab, spec.ple_dim, dtype=table_dtype))
-        self.scale = float(torch.tensor(self.width**0.5, dtype=table_dtype))
+        self.scale = self.scale_for(self.width, table_dtype)
+
+    @staticmethod
+    def scale_for(width: int, table_dtype: torch.dtype) -> float:
+        """sqrt(width) rounded to the table's dtype, as upstream's `embed_scale.to(weight.dtype)`."""
+        return float(torch.tensor(width**0.5, dtype=table_dtype))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         in_range = (input_ids >= 0) & (input_ids < self.vocab)

@@ -14,13 +14,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from exporter.spec import Gemma4Spec
-from exporter.trace import IR_VERSION, OPSET
 from ple_export.errors import UserError
 from ple_export.jsonfile import read_json_object
 
 if TYPE_CHECKING:
     from exporter.export import Checkpoint
 
+OPSET = 18
+IR_VERSION = 10  # onnx 1.23 writes 14 by default; onnxruntime 1.31 loads at most 13
 FORMAT = "ple-export-bundle"
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
@@ -31,7 +32,6 @@ _ROLES = {
     "decoder.onnx": ("dram", "decoder_graph"),
     "decoder.data": ("dram", "decoder_weights"),
 }
-_ONNX_DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 def sha256_file(path: Path, chunk: int = 16 << 20) -> str:
@@ -136,6 +136,9 @@ def build(
     options: dict[str, Any],
     hashes: dict[str, str] | None = None,
 ) -> dict[str, Any]:
+    from exporter import dtypes  # torch: needed to write a manifest, not to read one (runtimes)
+    from exporter.gemma4 import PLEEmbedder
+
     hashes = hashes or {}
     spec = ckpt.spec
     files = []
@@ -151,7 +154,7 @@ def build(
             }
         )
     table = ckpt.info("ple_table")
-    row_bytes = spec.ple_dim * {"bf16": 2, "fp16": 2, "fp32": 4}[ple_dtype]
+    row_bytes = spec.ple_dim * dtypes.ITEMSIZE[ple_dtype]
     page = int(options["page_size"])
     source_dtypes = sorted({ckpt.tensors[n].dtype for n in ckpt.mapping.values()})
     return {
@@ -169,12 +172,12 @@ def build(
         "ple": {
             "file": "ple_table.data",
             "offset": 0,
-            "dtype": _ONNX_DTYPE[ple_dtype],
+            "dtype": dtypes.ONNX_NAME[ple_dtype],
             "rows": int(table.shape[0]),
             "row_bytes": row_bytes,
             "page_size": page,
             "pages_per_token": row_pages(row_bytes, page),
-            "scale": spec.hidden_size_per_layer_input**0.5,
+            "scale": PLEEmbedder.scale_for(spec.hidden_size_per_layer_input, dtypes.TORCH[ple_dtype]),
             "out_of_range_ids": "read row 0",
         },
         "kv_cache": kv_cache(spec),

@@ -63,8 +63,9 @@ class Gemma4Spec:
         return self.head_dim if self.is_sliding(layer) else self.global_head_dim
 
     def layer_kv_heads(self, layer: int) -> int:
-        # transformers: full layers use num_global_key_value_heads only when attention_k_eq_v.
-        if not self.is_sliding(layer) and self.attention_k_eq_v and self.num_global_key_value_heads:
+        # KV heads of full layers when they differ (config.json's top-level key counts only with
+        # attention_k_eq_v, a per_layer_config override always: see `_full_layer_overrides`)
+        if not self.is_sliding(layer) and self.num_global_key_value_heads:
             return self.num_global_key_value_heads
         return self.num_key_value_heads
 
@@ -115,6 +116,8 @@ class Gemma4Spec:
                 "checkpoint has no Per-Layer Embeddings (hidden_size_per_layer_input is 0/null): "
                 "ple-export only exports PLE decoders"
             )
+        if self.num_hidden_layers <= 0:
+            raise UserError(f"config.json: num_hidden_layers must be positive, got {self.num_hidden_layers}")
         if len(self.layer_types) != self.num_hidden_layers:
             raise UserError(
                 f"config.json: layer_types has {len(self.layer_types)} entries, "
@@ -143,9 +146,22 @@ class Gemma4Spec:
             "global_head_dim",
             "sliding_window",
             "vocab_size_per_layer_input",
+            "hidden_size_per_layer_input",
         ):
             if getattr(self, name) <= 0:
                 raise UserError(f"config.json: {name} must be positive, got {getattr(self, name)}")
+        if self.sliding_window < 2:
+            raise UserError(f"config.json: sliding_window must be at least 2, got {self.sliding_window}")
+        if not self.rms_norm_eps > 0:
+            raise UserError(f"config.json: rms_norm_eps must be positive, got {self.rms_norm_eps}")
+        if self.final_logit_softcapping is not None and not self.final_logit_softcapping > 0:
+            raise UserError("config.json: final_logit_softcapping must be positive or null")
+        for lt, r in self.rope.items():
+            if not (r.theta > 0 and r.factor > 0 and 0 < r.partial_rotary_factor <= 1):
+                raise UserError(
+                    f"config.json: rope_parameters.{lt} needs rope_theta > 0, factor > 0 and "
+                    f"0 < partial_rotary_factor <= 1"
+                )
         for i in range(self.num_hidden_layers):
             if self.num_attention_heads % self.layer_kv_heads(i):
                 raise UserError("config.json: num_attention_heads is not a multiple of the KV heads")
@@ -166,15 +182,16 @@ class Gemma4Spec:
             )
         if cfg.get("enable_moe_block") or cfg.get("num_experts"):
             raise UserError("config.json: Mixture-of-Experts Gemma 4 checkpoints are not supported")
-        if cfg.get("use_bidirectional_attention"):
+        if cfg.get("use_bidirectional_attention") == "all":  # "vision" is causal for text-only input
             raise UserError(
-                "config.json: use_bidirectional_attention is not supported (causal decoders only)"
+                "config.json: use_bidirectional_attention='all' is not supported (causal decoders only)"
             )
 
         f = _Fields(cfg)
         n_layers = f.int("num_hidden_layers")
         layer_types = cfg.get("layer_types") or [
-            SLIDING if (i + 1) % 6 else FULL for i in range(n_layers)  # transformers' default 5:1
+            SLIDING if (i + 1) % 6 else FULL
+            for i in range(n_layers)  # transformers' default 5:1
         ]
         if not isinstance(layer_types, list) or not all(isinstance(t, str) for t in layer_types):
             raise UserError("config.json: field 'layer_types' must be a list of strings")
@@ -192,12 +209,13 @@ class Gemma4Spec:
             p = rope_params.get(lt)
             if not isinstance(p, dict):
                 raise UserError(f"config.json: rope_parameters has no entry for {lt}")
-            rtype = p.get("rope_type", "default")
+            rtype = p.get("rope_type", p.get("type", "default"))  # "type": the legacy spelling
             if rtype not in SUPPORTED_ROPE_TYPES:
                 raise UserError(f"config.json: unsupported rope_type {rtype!r} for {lt}")
             rf = _Fields(p, f"rope_parameters.{lt}.")
-            rope[lt] = RopeSpec(rtype, rf.float("rope_theta"), rf.float("partial_rotary_factor", 1.0),
-                                rf.float("factor", 1.0))
+            rope[lt] = RopeSpec(
+                rtype, rf.float("rope_theta"), rf.float("partial_rotary_factor", 1.0), rf.float("factor", 1.0)
+            )
         eos = cfg.get("eos_token_id", 1)
         eos_list = eos if isinstance(eos, list) else ([] if eos is None else [eos])
         if not all(isinstance(e, int) and not isinstance(e, bool) for e in eos_list):
@@ -212,13 +230,13 @@ class Gemma4Spec:
             num_attention_heads=f.int("num_attention_heads"),
             num_key_value_heads=f.int("num_key_value_heads"),
             head_dim=head_dim,
-            global_head_dim=_as_int("global_head_dim", full_head_dim) or head_dim,
+            global_head_dim=full_head_dim or head_dim,
             layer_types=tuple(layer_types),
             sliding_window=f.int("sliding_window", 512),
             vocab_size_per_layer_input=f.int("vocab_size_per_layer_input", 262_144),
             hidden_size_per_layer_input=f.int("hidden_size_per_layer_input", 256, none_is=0),
             num_kv_shared_layers=f.int("num_kv_shared_layers", 0, none_is=0),
-            num_global_key_value_heads=_as_int("num_global_key_value_heads", full_kv_heads),
+            num_global_key_value_heads=full_kv_heads,
             attention_k_eq_v=f.bool("attention_k_eq_v", False),
             use_double_wide_mlp=f.bool("use_double_wide_mlp", False),
             final_logit_softcapping=f.float("final_logit_softcapping", None),
@@ -281,7 +299,18 @@ class Gemma4Spec:
             "eos_token_id": list(self.eos_token_id) if len(self.eos_token_id) != 1 else self.eos_token_id[0],
             "torch_dtype": "bfloat16",
         }
-        if self.num_global_key_value_heads:
+        if self.num_global_key_value_heads and not self.attention_k_eq_v:
+            # the top-level key only counts with attention_k_eq_v; say it per layer instead
+            del cfg["global_head_dim"]
+            cfg["per_layer_config"] = {
+                str(i): {
+                    "head_dim": self.global_head_dim,
+                    "num_key_value_heads": self.num_global_key_value_heads,
+                }
+                for i, t in enumerate(self.layer_types)
+                if t == FULL
+            }
+        elif self.num_global_key_value_heads:
             cfg["num_global_key_value_heads"] = self.num_global_key_value_heads
         return cfg
 
@@ -341,7 +370,8 @@ class _Fields:
         return value
 
     def float(self, key: str, default: Any = _MISSING) -> Any:
-        value = self._get(key, default, None)
+        # null means "off" only where the default is None (final_logit_softcapping)
+        value = self._get(key, default, None if default is None else _MISSING)
         if value is None or value is default:
             return value
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -356,30 +386,38 @@ class _Fields:
 
 
 def _full_layer_overrides(cfg: dict[str, Any], layer_types: list[str]) -> tuple[int | None, int | None]:
-    """head_dim and KV heads of full layers. Hub configs say `global_head_dim` /
-    `num_global_key_value_heads`; transformers 5.23's `save_pretrained` writes them only as
-    `per_layer_config` overrides ({"layer index": {"head_dim": ..}}), so read both."""
-    head_dim = cfg.get("global_head_dim")
-    kv_heads = cfg.get("num_global_key_value_heads")
-    per_layer = cfg.get("per_layer_config")
-    if isinstance(per_layer, dict):
-        full = [
-            v
-            for k, v in per_layer.items()
-            if str(k).isdigit()
-            and int(k) < len(layer_types)
-            and layer_types[int(k)] == FULL
-            and isinstance(v, dict)
-        ]
-        dims = {v["head_dim"] for v in full if "head_dim" in v}
-        heads = {v["num_key_value_heads"] for v in full if "num_key_value_heads" in v}
-        if len(dims) > 1 or len(heads) > 1:
-            raise UserError("config.json: per_layer_config gives full layers different head_dim/KV heads")
-        head_dim = head_dim or (dims.pop() if dims else None)
-        kv_heads = kv_heads or (heads.pop() if heads else None)
-    if head_dim is None and "per_layer_config" not in cfg:
-        head_dim = 512  # transformers' default global_head_dim
-    return head_dim, kv_heads
+    """(head_dim, KV heads) of full layers, as transformers' Gemma4TextConfig resolves them.
+
+    Without `per_layer_config`, full layers get `global_head_dim` (default 512) and, only when
+    `attention_k_eq_v`, `num_global_key_value_heads`. With it (what `save_pretrained` writes),
+    those two keys are ignored and each listed layer takes its overrides; we support overrides of
+    head_dim / num_key_value_heads on full layers, the same for all of them."""
+    if "per_layer_config" not in cfg:
+        head_dim = _as_int("global_head_dim", cfg.get("global_head_dim", 512))
+        kv_heads = _as_int("num_global_key_value_heads", cfg.get("num_global_key_value_heads"))
+        return head_dim, (kv_heads if cfg.get("attention_k_eq_v") else None)
+    per_layer = cfg["per_layer_config"]
+    if not isinstance(per_layer, dict):
+        raise UserError("config.json: field 'per_layer_config' must be an object")
+    overrides: list[dict[str, Any]] = []
+    for key, value in per_layer.items():
+        k = str(key)
+        if not k.isdigit() or int(k) >= len(layer_types) or not isinstance(value, dict):
+            raise UserError(f"config.json: per_layer_config entry {key!r} is not a layer index -> object")
+        if layer_types[int(k)] != FULL or set(value) - {"head_dim", "num_key_value_heads"}:
+            raise UserError(
+                f"config.json: per_layer_config[{key!r}] overrides {sorted(value)} on a "
+                f"{layer_types[int(k)]} layer; only head_dim/num_key_value_heads of full layers are supported"
+            )
+        overrides.append(value)
+    full_layers = sum(t == FULL for t in layer_types)
+    if overrides and (len(overrides) != full_layers or any(o != overrides[0] for o in overrides)):
+        raise UserError("config.json: per_layer_config must give every full layer the same overrides")
+    first = overrides[0] if overrides else {}
+    return (
+        _as_int("per_layer_config head_dim", first.get("head_dim")),
+        _as_int("per_layer_config num_key_value_heads", first.get("num_key_value_heads")),
+    )
 
 
 _ROPE_DEFAULT = {

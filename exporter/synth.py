@@ -190,7 +190,8 @@ def synth_to_folder(
     """`synth_checkpoint` into a folder that is complete or absent; `progress(advance, total)`."""
     total = synth_total_bytes(spec, dtype)
     report = (lambda n: progress(n, total)) if progress else None
-    with staged_output(Path(out_dir), overwrite) as tmp:
+    is_checkpoint = lambda p: (p / "config.json").is_file()  # noqa: E731
+    with staged_output(Path(out_dir), overwrite, is_checkpoint, "a checkpoint folder") as tmp:
         synth_checkpoint(spec, tmp, dtype, seed, max_shard_bytes, report)
     return {"path": str(Path(out_dir).absolute()), "bytes": total, "num_parameters": spec.num_parameters(),
             "dtype": dtype, "seed": seed}

@@ -20,10 +20,8 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from exporter.gemma4 import Gemma4Decoder, PLEEmbedder
+from exporter.manifest import IR_VERSION, OPSET
 from exporter.spec import Gemma4Spec
-
-OPSET = 18
-IR_VERSION = 10  # onnx 1.23 writes 14 by default; onnxruntime 1.31 loads at most 13
 
 
 def kv_input_names(spec: Gemma4Spec) -> list[str]:

@@ -60,7 +60,7 @@ def _user_errors() -> Iterator[None]:
 @contextmanager
 def _progress(enabled: bool) -> Iterator[Callable[[str, int, int], None]]:
     """A byte-counting progress bar per stage on stderr; silent when disabled or not a terminal."""
-    if not enabled:
+    if not enabled or not err.is_terminal:
         yield lambda stage, n, total: None
         return
     bars = Progress(
@@ -167,10 +167,15 @@ def inspect(
         from exporter import manifest as manifest_mod
 
         manifest = manifest_mod.load(bundle)
-        summary = _bundle_summary(bundle, manifest)
-        if verify:
-            summary["verify"] = _verify(bundle, manifest)
-        _emit(summary, as_json, lambda: _print_summary(summary, None))
+        try:
+            summary = _bundle_summary(bundle, manifest)
+            if verify:
+                summary["verify"] = _verify(bundle, manifest)
+            _emit(summary, as_json, lambda: _print_summary(summary, None))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise UserError(
+                f"{bundle / 'manifest.json'}: malformed manifest ({type(e).__name__}: {e})"
+            ) from None
         if verify and summary["verify"]["problems"]:
             _fail(f"{bundle}: {summary['verify']['problems'][0]}")
 
@@ -189,33 +194,61 @@ def demo(
         from exporter.export import ExportOptions, export_bundle
         from exporter.spec import get_preset
         from exporter.synth import synth_to_folder
+        from ple_export.outdir import check_output
         from runtime_harness.session import BundleSession
 
         ckpt_dir, bundle_dir = output / "checkpoint", output / "bundle"
-        for d in (ckpt_dir, bundle_dir):
-            if d.exists() and any(d.iterdir()) and not overwrite:
-                raise UserError(f"{d}: exists and is not empty (pass --overwrite to replace it)")
-        output.mkdir(parents=True, exist_ok=True)
+        if output.exists() and not output.is_dir():
+            raise UserError(f"{output}: exists and is not a directory")
+        if output.is_dir():
+            for d in (ckpt_dir, bundle_dir):
+                check_output(d, overwrite)
+        try:
+            output.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"{output}: cannot create the demo folder ({e.strerror or e})") from None
         spec = get_preset("tiny")
         with _progress(not quiet and not as_json) as progress:
             synth_to_folder(
                 spec, ckpt_dir, overwrite=overwrite, progress=lambda n, t: progress("synth", n, t)
             )
             result = export_bundle(ckpt_dir, bundle_dir, ExportOptions(overwrite=overwrite), progress)
+        verify = _verify(bundle_dir, result.manifest)
+        if verify["problems"]:
+            raise UserError(f"{bundle_dir}: {verify['problems'][0]}")
         session = BundleSession(bundle_dir)
+        import time
+
         import numpy as np
 
         prompt = np.array([[2, 17, 42, 99, 7, 300, 12, 5, 64, 128, 256, 1]], dtype=np.int64) % spec.vocab_size
-        gen = session.generate(prompt, max_new_tokens=16, stop_at_eos=False)
+        new_tokens = 16
+        session.generate(prompt, max_new_tokens=2, stop_at_eos=False)  # warm-up
+        runs = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            gen = session.generate(prompt, max_new_tokens=new_tokens, stop_at_eos=False)
+            runs.append(time.perf_counter() - t0)
+        median_s = sorted(runs)[len(runs) // 2]
         summary = _bundle_summary(bundle_dir, result.manifest) | {
             "checkpoint": str(ckpt_dir),
             "seconds": round(result.seconds, 2),
-            "generation": {"prompt": prompt[0].tolist(), "greedy_tokens": gen.tokens[0]},
+            "verify": verify,
+            "generation": {
+                "prompt": prompt[0].tolist(),
+                "greedy_tokens": gen.tokens[0],
+                "median_seconds": round(median_s, 5),
+                "tokens_per_second": round((prompt.shape[1] + new_tokens) / median_s, 1),
+            },
         }
 
         def human() -> None:
             _print_summary(summary, f"exported in {result.seconds:.1f} s")
             out.print(f"greedy run with onnxruntime: prompt {prompt[0].tolist()} -> {gen.tokens[0]}")
+            out.print(
+                f"  {prompt.shape[1]} prompt + {new_tokens} new tokens in {median_s * 1e3:.1f} ms "
+                f"(median of 5; {summary['generation']['tokens_per_second']:,.0f} tok/s on this toy model)"
+            )
             out.print(
                 "next: `ple-export inspect --verify` on the bundle; run `pytest` for parity vs transformers"
             )
@@ -248,7 +281,7 @@ def _parse_size(text: str, flag: str) -> int:
         mult = 1
     try:
         value = int(float(t) * mult)
-    except ValueError:
+    except (ValueError, OverflowError):
         raise UserError(f"{flag}: cannot read size {text!r} (examples: 2GB, 16KiB, 4096)") from None
     if value <= 0:
         raise UserError(f"{flag}: size must be positive, got {text!r}")
@@ -329,7 +362,11 @@ def _verify(bundle: Path, manifest: dict[str, Any]) -> dict[str, Any]:
 
     problems = []
     for f in manifest["files"]:
-        path = bundle / f["path"]
+        rel = Path(f["path"])
+        if rel.is_absolute() or ".." in rel.parts:
+            problems.append(f"{f['path']} points outside the bundle")
+            continue
+        path = bundle / rel
         if not path.is_file():
             problems.append(f"{f['path']} is missing")
         elif path.stat().st_size != f["bytes"]:

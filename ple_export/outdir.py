@@ -12,18 +12,30 @@ import os
 import shutil
 import signal
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from ple_export.errors import UserError
 
+Replaceable = Callable[[Path], bool]
 
-def check_output(out_dir: Path, overwrite: bool) -> None:
+
+def check_output(
+    out_dir: Path, overwrite: bool, replaceable: Replaceable | None = None, what: str = ""
+) -> None:
+    """Refuse an output that exists and is not empty, unless `overwrite`; even then, refuse to
+    replace a folder that `replaceable` does not recognise as one of ours (e.g. a bundle)."""
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"{out_dir}: exists and is not a directory")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise UserError(f"{out_dir}: exists and is not empty (pass --overwrite to replace it)")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise UserError(f"{out_dir}: exists and is not empty (pass --overwrite to replace it)")
+        if replaceable is not None and not replaceable(out_dir):
+            raise UserError(
+                f"{out_dir}: not {what or 'an earlier output'}; refusing to replace it even with "
+                "--overwrite (remove it yourself, or choose another folder)"
+            )
     parent = out_dir.absolute().parent
     if not parent.is_dir():
         raise UserError(f"{parent}: parent folder of the output does not exist")
@@ -32,14 +44,18 @@ def check_output(out_dir: Path, overwrite: bool) -> None:
 
 
 @contextmanager
-def staged_output(out_dir: Path, overwrite: bool) -> Iterator[Path]:
+def staged_output(
+    out_dir: Path, overwrite: bool, replaceable: Replaceable | None = None, what: str = ""
+) -> Iterator[Path]:
     """Yield a temp folder beside `out_dir`; on success it becomes `out_dir`."""
-    check_output(out_dir, overwrite)
+    check_output(out_dir, overwrite, replaceable, what)
     out_dir = out_dir.absolute()
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:
         yield tmp
+        _fsync_tree(tmp)
         _commit(tmp, out_dir)
+        _fsync_dir(out_dir.parent)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if e.errno == errno.ENOSPC:
@@ -48,6 +64,24 @@ def staged_output(out_dir: Path, overwrite: bool) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Everything on disk before the rename makes it visible (a power loss must not leave a
+    manifest beside truncated files)."""
+    for path in folder.iterdir():
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(folder)
 
 
 def _commit(tmp: Path, out_dir: Path) -> None:

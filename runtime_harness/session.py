@@ -75,6 +75,7 @@ class BundleSession:
             if d["role"] in ("present_key", "present_value")
         }
         self.eos_ids = set(self.manifest["generation"]["eos_token_ids"])
+        self._embedder_ids = next(d["name"] for d in graphs["embedder"]["inputs"] if d["role"] == "input_ids")
 
     def _by_role(self, role: str) -> str:
         return next(d["name"] for d in self._dec_inputs if d["role"] == role)
@@ -88,7 +89,7 @@ class BundleSession:
         return KVCache(tensors)
 
     def per_layer_inputs(self, input_ids: np.ndarray) -> np.ndarray:
-        return self.embedder.run(None, {"input_ids": input_ids})[0]
+        return self.embedder.run(None, {self._embedder_ids: input_ids})[0]
 
     def forward(self, input_ids: np.ndarray, cache: KVCache) -> np.ndarray:
         """Run S new tokens [B, S] through the model; returns logits [B, S, V] and advances `cache`."""

@@ -49,11 +49,17 @@ def test_manifest_io_matches_the_graphs(bundles: dict[str, Path], graph: str) ->
     assert proto.ir_version == manifest["onnx"]["ir_version"] <= 13  # onnxruntime 1.31 loads <= 13
     assert [i.name for i in proto.graph.input] == [d["name"] for d in entry["inputs"]]
     assert [o.name for o in proto.graph.output] == [d["name"] for d in entry["outputs"]]
-    for value, desc in zip(proto.graph.input, entry["inputs"], strict=True):
-        dims = value.type.tensor_type.shape.dim
-        assert len(dims) == len(desc["shape"])
-        for dim, want in zip(dims, desc["shape"], strict=True):
-            assert (dim.dim_value == want) if isinstance(want, int) else (dim.dim_param != "")
+    elem = {"int64": onnx.TensorProto.INT64, "float32": onnx.TensorProto.FLOAT}
+    for values, descs in ((proto.graph.input, entry["inputs"]), (proto.graph.output, entry["outputs"])):
+        for value, desc in zip(values, descs, strict=True):
+            assert value.type.tensor_type.elem_type == elem[desc["dtype"]], desc["name"]
+            dims = value.type.tensor_type.shape.dim
+            assert len(dims) == len(desc["shape"]), desc["name"]
+            for dim, want in zip(dims, desc["shape"], strict=True):
+                if isinstance(want, int):
+                    assert dim.dim_value == want, desc["name"]
+                else:  # symbolic in both
+                    assert dim.dim_param and not dim.HasField("dim_value"), desc["name"]
 
 
 def test_kv_cache_only_for_kv_owning_layers(bundles: dict[str, Path]) -> None:
@@ -168,6 +174,18 @@ def test_onnxruntime_maps_the_ple_table_instead_of_copying_it(tmp_path: Path) ->
     rss = json.loads(probe.stdout)
     anon_growth = rss["after"]["RssAnon"] - rss["before"]["RssAnon"]
     assert anon_growth < table_bytes / 10, f"anonymous RSS grew {anon_growth / 2**20:.1f} MiB: table copied?"
+    # control: the same graph with the table inside the protobuf is copied, and the probe sees it
+    inline = tmp_path / "inline.onnx"
+    onnx.save(onnx.load(str(bundle / "embedder.onnx")), str(inline))
+    probe = subprocess.run(
+        [sys.executable, "-c", _RSS_PROBE, str(inline), "65536"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+    )
+    rss = json.loads(probe.stdout)
+    assert rss["after"]["RssAnon"] - rss["before"]["RssAnon"] > table_bytes / 2
 
 
 @pytest.mark.parametrize("dtype", ["fp16", "fp32"])

@@ -69,8 +69,10 @@ def assert_user_error(
 
 def snapshot(folder: Path) -> dict[str, bytes | None]:
     """Every entry below `folder`: file bytes, or None for a directory."""
-    return {str(p.relative_to(folder)): (None if p.is_dir() else p.read_bytes())
-            for p in sorted(folder.rglob("*"))}
+    return {
+        str(p.relative_to(folder)): (None if p.is_dir() else p.read_bytes())
+        for p in sorted(folder.rglob("*"))
+    }
 
 
 def leftovers(out: Path) -> list[str]:
@@ -89,8 +91,10 @@ def assert_nothing_left(out: Path, before: dict[str, bytes | None] | None = None
 
 
 def make_existing(out: Path) -> dict[str, bytes | None]:
-    """A non-empty folder some earlier run (or the user) left at `out`."""
+    """A non-empty folder an earlier export left at `out` (it has a manifest.json, so --overwrite
+    may replace it; a folder without one is refused even with --overwrite)."""
     (out / "sub").mkdir(parents=True)
+    (out / "manifest.json").write_text('{"format": "ple-export-bundle"}\n')
     (out / "notes.txt").write_text("my precious notes\n")
     (out / "sub" / "data.bin").write_bytes(bytes(range(256)))
     return snapshot(out)
@@ -117,11 +121,11 @@ def _edit_header(shard: Path, edit: Callable[[dict[str, Any]], None]) -> None:
     """Rewrite a safetensors header in place; the data bytes (and relative offsets) are kept."""
     raw = shard.read_bytes()
     n = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8:8 + n])
+    header = json.loads(raw[8 : 8 + n])
     edit(header)
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-    shard.write_bytes(len(blob).to_bytes(8, "little") + blob + raw[8 + n:])
+    shard.write_bytes(len(blob).to_bytes(8, "little") + blob + raw[8 + n :])
 
 
 def _edit_index(ckpt: Path, edit: Callable[[dict[str, str]], None]) -> None:
@@ -279,8 +283,9 @@ class Job:
     """A CLI run in the background."""
 
     def __init__(self, *args: Any, cwd: Path) -> None:
-        self.proc = subprocess.Popen(_cmd(args), cwd=cwd, env=ENV, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            _cmd(args), cwd=cwd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
         self._done: subprocess.CompletedProcess[str] | None = None
 
     def result(self, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -311,8 +316,20 @@ def background(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Background]
     """`synth`, then (in the background) `export --overwrite` onto a non-empty folder, and `demo`."""
     root = tmp_path_factory.mktemp("cli_bg")
     ckpt, bundle = root / "ckpt", root / "bundle"
-    synth = cli("synth", "-o", ckpt, "--preset", "tiny", "--shard-size", "400KB", "--seed", "3", "--json",
-                "--quiet", cwd=root)
+    synth = cli(
+        "synth",
+        "-o",
+        ckpt,
+        "--preset",
+        "tiny",
+        "--shard-size",
+        "400KB",
+        "--seed",
+        "3",
+        "--json",
+        "--quiet",
+        cwd=root,
+    )
     bg = Background(root, synth, ckpt, bundle, make_existing(bundle), root / "demo")
     if synth.returncode == 0:
         bg.jobs["export"] = Job("export", ckpt, "-o", bundle, "--overwrite", "--json", "--quiet", cwd=root)
@@ -473,9 +490,18 @@ def test_full_disk_leaves_the_old_folder(clean_ckpt: Path, tmp_path: Path) -> No
         out = mnt / "bundle"
         out.mkdir()
         (out / "notes.txt").write_text("my precious notes\n")
+        (out / "manifest.json").write_text("{}\n")  # an earlier bundle: --overwrite may replace it
         before = snapshot(out)
-        proc = cli("export", clean_ckpt, "-o", out, "--overwrite", "--quiet", cwd=tmp_path,
-                   preexec_fn=None if mounted else _limit_file_size)
+        proc = cli(
+            "export",
+            clean_ckpt,
+            "-o",
+            out,
+            "--overwrite",
+            "--quiet",
+            cwd=tmp_path,
+            preexec_fn=None if mounted else _limit_file_size,
+        )
         assert_user_error(proc, mnt, "no space left" if mounted else "too large")
         assert_nothing_left(out, before)
     finally:
@@ -504,7 +530,10 @@ def test_synth_export_inspect(background: Background) -> None:
     exported = _json(background.jobs["export"].result())
     bundle = background.bundle
     assert (bundle / "manifest.json").is_file()
-    assert not set(background.bundle_before) & set(snapshot(bundle)), "old contents survived --overwrite"
+    after = snapshot(bundle)
+    old_only = set(background.bundle_before) - {"manifest.json"}
+    assert not old_only & set(after), "old contents survived --overwrite"
+    assert after["manifest.json"] != background.bundle_before["manifest.json"]
     assert leftovers(bundle) == []
 
     summary = _json(cli("inspect", bundle, "--verify", "--json", cwd=background.root))
@@ -513,8 +542,11 @@ def test_synth_export_inspect(background: Background) -> None:
     totals: dict[str, int] = {}
     for f in summary["files"]:
         totals[f["placement"]] = totals.get(f["placement"], 0) + on_disk[f["path"]]
-    assert summary["bytes"] == {"flash": totals.get("flash", 0), "dram": totals.get("dram", 0),
-                                "other": totals.get("none", 0)}
+    assert summary["bytes"] == {
+        "flash": totals.get("flash", 0),
+        "dram": totals.get("dram", 0),
+        "other": totals.get("none", 0),
+    }
     assert sum(summary["bytes"].values()) == sum(on_disk.values())
     placement = {f["path"]: f["placement"] for f in summary["files"]}
     assert placement["ple_table.data"] == placement["embedder.onnx"] == "flash"
@@ -564,3 +596,66 @@ def test_demo_then_demo_again_is_refused(background: Background) -> None:
     proc = cli("demo", demo, "--quiet", cwd=background.root)
     assert_user_error(proc, demo / "checkpoint", "--overwrite")
     assert snapshot(demo) == before
+
+
+# ---- --overwrite never reaches what is not ours -----------------------------------------------------
+
+
+def test_overwrite_refuses_what_is_not_an_earlier_output(clean_ckpt: Path, tmp_path: Path) -> None:
+    ckpt = Path(shutil.copytree(clean_ckpt, tmp_path / "work" / "ckpt"))
+    ckpt_before = snapshot(ckpt)
+    notes = tmp_path / "notes"
+    (notes / "sub").mkdir(parents=True)
+    (notes / "todo.txt").write_text("keep me\n")
+    notes_before = snapshot(notes)
+    # a folder of someone else's, the checkpoint itself, the folder that holds the checkpoint
+    cases = [
+        (["export", ckpt, "-o", notes], notes, "not a ple-export bundle"),
+        (["synth", "-o", notes], notes, "not a checkpoint folder"),
+        (["export", ckpt, "-o", ckpt], ckpt, "would replace the checkpoint"),
+        (["export", ckpt, "-o", ckpt.parent], ckpt.parent, "would replace the checkpoint"),
+    ]
+    for args, target, needle in cases:
+        assert_user_error(cli(*args, "--overwrite", "--quiet", cwd=tmp_path), target, needle)
+    assert snapshot(notes) == notes_before and snapshot(ckpt) == ckpt_before
+    assert leftovers(notes) == [] and leftovers(ckpt) == []
+
+
+def test_demo_into_a_file_is_a_one_line_error(tmp_path: Path) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("x\n")
+    assert_user_error(cli("demo", afile, "--quiet", cwd=tmp_path), afile, "not a directory")
+    assert_user_error(cli("demo", afile / "sub", "--quiet", cwd=tmp_path), "afile")
+    assert afile.read_text() == "x\n"
+
+
+@pytest.mark.parametrize("value", ["inf", "1e400", "nan", "-16KiB", "3000"])
+def test_unreadable_page_sizes(value: str, clean_ckpt: Path, tmp_path: Path) -> None:
+    assert_user_error(
+        cli("export", clean_ckpt, "-o", tmp_path / "b", "--page-size", value, cwd=tmp_path), "--page-size"
+    )
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        {"files": [1]},
+        {
+            "ple": {
+                "rows": 1,
+                "row_bytes": 2,
+                "dtype": "x",
+                "page_size": "big",
+                "pages_per_token": {"min": 1, "mean": 1, "max": 1},
+            }
+        },
+        {"kv_cache": {"layers": [{}]}},
+    ],
+)
+def test_inspect_malformed_manifest(damage: dict[str, Any], background: Background, tmp_path: Path) -> None:
+    background.jobs["export"].result()
+    bundle = Path(shutil.copytree(background.bundle, tmp_path / "bundle"))
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    (bundle / "manifest.json").write_text(json.dumps(manifest | damage))
+    assert_user_error(cli("inspect", bundle, cwd=tmp_path), "manifest")

@@ -323,10 +323,21 @@ def test_error_malformed_entry_and_duplicate_key(tmp_path: Path) -> None:
     _raises(tmp_path, "duplicate key 't'")
 
 
-def test_error_unsupported_dtype(tmp_path: Path) -> None:
+def test_unreadable_dtype_opens_but_reading_it_is_user_error(tmp_path: Path) -> None:
+    # headers with any safetensors dtype open (multimodal checkpoints hold tensors we never read)
     tensors = {"ok": torch.zeros(2), "steps.count": torch.zeros(3, dtype=torch.int64)}
     save_file(tensors, str(tmp_path / SINGLE_FILE))
-    _raises(tmp_path, "steps.count", "I64", str(tmp_path / SINGLE_FILE))
+    infos = open_checkpoint(tmp_path)
+    assert infos["steps.count"].dtype == "I64" and infos["steps.count"].nbytes == 24
+    np.testing.assert_array_equal(read_tensor(infos["ok"]), np.zeros(2, np.float32))
+    with pytest.raises(UserError, match=r"steps\.count has dtype I64"):
+        read_tensor(infos["steps.count"])
+
+
+def test_error_unknown_dtype(tmp_path: Path) -> None:
+    blob = b'{"t":{"dtype":"Q3","shape":[1],"data_offsets":[0,1]}}'
+    (tmp_path / SINGLE_FILE).write_bytes(len(blob).to_bytes(8, "little") + blob + b"\0")
+    _raises(tmp_path, "unknown dtype Q3")
 
 
 def test_read_after_truncation_is_user_error(tmp_path: Path) -> None:
