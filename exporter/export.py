@@ -127,7 +127,9 @@ def _write_embedder(
     progress: Progress,
     hashes: dict[str, str],
 ) -> None:
+    progress("tracing", 0, 2)
     model = trace_embedder(ckpt.spec, dtypes.TORCH[ple_dtype])
+    progress("tracing", 1, 2)
     table = model.graph.initializers["ple_table"]
     info = ckpt.info("ple_table")
     nbytes = tensor_nbytes(table)
@@ -145,6 +147,7 @@ def _write_decoder(
     ckpt: Checkpoint, tmp: Path, opts: ExportOptions, progress: Progress, hashes: dict[str, str]
 ) -> None:
     model = trace_decoder(ckpt.spec)
+    progress("tracing", 1, 2)
     TiedLmHeadToGemm()(model)
     computed = {k: v.numpy() for k, v in rope_buffers(ckpt.spec).items()}
     inits = list(model.graph.initializers.values())

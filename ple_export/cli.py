@@ -13,14 +13,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 # typer 0.29 vendors click; its usage errors are not exported at the top level
@@ -59,25 +52,29 @@ def _user_errors() -> Iterator[None]:
 
 @contextmanager
 def _progress(enabled: bool) -> Iterator[Callable[[str, int, int], None]]:
-    """A byte-counting progress bar per stage on stderr; silent when disabled or not a terminal."""
+    """A progress bar per stage on stderr (bytes, or steps for "tracing"); silent when disabled or
+    not a terminal."""
     if not enabled or not err.is_terminal:
         yield lambda stage, n, total: None
         return
     bars = Progress(
         TextColumn("{task.description:>12}"),
         BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
+        TextColumn("{task.fields[amount]:>22}"),
         TimeRemainingColumn(),
         console=err,
         transient=False,
     )
     tasks: dict[str, Any] = {}
+    steps = {"tracing": "graphs"}  # stages counted in steps, not bytes
 
     def update(stage: str, n: int, total: int) -> None:
         if stage not in tasks:
-            tasks[stage] = bars.add_task(stage, total=total)
+            tasks[stage] = bars.add_task(stage, total=total, amount="")
         bars.advance(tasks[stage], n)
+        done = bars.tasks[tasks[stage]].completed
+        amount = f"{done:.0f}/{total} {steps[stage]}" if stage in steps else f"{_human(done)}/{_human(total)}"
+        bars.update(tasks[stage], amount=amount)
 
     with bars:
         yield update
