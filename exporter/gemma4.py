@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from exporter.spec import Gemma4Spec, RopeSpec
+from exporter.spec import SLIDING, Gemma4Spec, RopeSpec
 
 
 class RMSNorm(nn.Module):
@@ -234,7 +234,7 @@ class Gemma4Decoder(nn.Module):
             t = keys.shape[2]
             k_pos = position_ids[:, :1, None] - (t - s) + torch.arange(t)[None, None, :]  # [B, 1, T]
             ok = k_pos <= q_pos
-            if layer_type == "sliding_attention":
+            if layer_type == SLIDING:
                 ok = ok & (q_pos - k_pos < spec.sliding_window)
             return ok  # [B, S, T]
 
@@ -251,7 +251,7 @@ class Gemma4Decoder(nn.Module):
                 keys = torch.cat([past[2 * j], k_new], dim=2)
                 values = torch.cat([past[2 * j + 1], v_new], dim=2)
                 full_kv[i] = (keys, values, allowed(lt, keys))
-                if lt == "sliding_attention":  # the next token sees at most window - 1 earlier positions
+                if lt == SLIDING:  # the next token sees at most window - 1 earlier positions
                     keep = spec.sliding_window - 1
                     presents += [keys[:, :, -keep:], values[:, :, -keep:]]
                 else:
@@ -271,7 +271,7 @@ def rope_buffers(spec: Gemma4Spec) -> dict[str, torch.Tensor]:
     """Values of the decoder's non-checkpoint tensors, by our name."""
     out = {}
     for lt in sorted(set(spec.layer_types)):
-        dim = spec.head_dim if lt == "sliding_attention" else spec.global_head_dim
+        dim = spec.head_dim if lt == SLIDING else spec.global_head_dim
         out[f"rope_inv_freq_{lt}"] = rope_inv_freq(spec.rope[lt], dim)
     return out
 

@@ -40,7 +40,6 @@ class DataFileWriter:
         self._sha = hashlib.sha256()
         self._pos = 0
         self._progress = progress
-        self.placements: dict[str, Placement] = {}
 
     def _write(self, data: bytes | memoryview) -> None:
         self._file.write(data)
@@ -66,9 +65,7 @@ class DataFileWriter:
         written = self._pos - start
         if written != nbytes:
             raise RuntimeError(f"{name}: wrote {written} bytes, expected {nbytes}")
-        placement = Placement(start, nbytes)
-        self.placements[name] = placement
-        return placement
+        return Placement(start, nbytes)
 
     def close(self) -> tuple[int, str]:
         """Flush to disk; returns (file size, sha256 hex)."""

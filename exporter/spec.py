@@ -101,6 +101,11 @@ class Gemma4Spec:
     def ple_dim(self) -> int:
         return self.num_hidden_layers * self.hidden_size_per_layer_input
 
+    @property
+    def hf_eos_token_id(self) -> int | list[int]:
+        """eos as HF configs spell it: one id, or a list of several."""
+        return self.eos_token_id[0] if len(self.eos_token_id) == 1 else list(self.eos_token_id)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -296,7 +301,7 @@ class Gemma4Spec:
             "max_position_embeddings": 131072,
             "pad_token_id": self.pad_token_id,
             "bos_token_id": self.bos_token_id,
-            "eos_token_id": list(self.eos_token_id) if len(self.eos_token_id) != 1 else self.eos_token_id[0],
+            "eos_token_id": self.hf_eos_token_id,
             "torch_dtype": "bfloat16",
         }
         if self.num_global_key_value_heads and not self.attention_k_eq_v:

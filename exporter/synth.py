@@ -141,8 +141,8 @@ def synth_checkpoint(
     cfg = spec.to_hf_config()
     cfg["torch_dtype"] = torch_name
     (out_dir / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    eos = list(spec.eos_token_id) if len(spec.eos_token_id) != 1 else spec.eos_token_id[0]
-    gen = {"bos_token_id": spec.bos_token_id, "eos_token_id": eos, "pad_token_id": spec.pad_token_id}
+    gen = {"bos_token_id": spec.bos_token_id, "eos_token_id": spec.hf_eos_token_id,
+           "pad_token_id": spec.pad_token_id}
     (out_dir / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
 
     jobs = [
