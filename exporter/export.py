@@ -4,7 +4,7 @@
 
 Weights are streamed tensor by tensor (big ones in row chunks) from the safetensors shards into the
 bundle's data files; nothing holds the whole model. The bundle is assembled in a sibling temp folder
-and renamed into place only when complete (`ple_export.outdir`), so a failed or interrupted export
+and renamed into place only when complete (`exporter.outdir`), so a failed or interrupted export
 leaves nothing that looks like a bundle.
 """
 
@@ -22,15 +22,15 @@ import torch
 
 from exporter import dtypes
 from exporter import manifest as manifest_mod
+from exporter.errors import UserError
 from exporter.gemma4 import rope_buffers
 from exporter.layout import DataFileWriter, bind_external, tensor_nbytes
+from exporter.outdir import staged_output
 from exporter.safetensors_io import TensorInfo, iter_row_chunks, open_checkpoint, read_rows
 from exporter.spec import Gemma4Spec
 from exporter.trace import trace_decoder, trace_embedder
 from exporter.weights import map_checkpoint
 from graphs.tied_lm_head import TiedLmHeadToGemm
-from ple_export.errors import UserError
-from ple_export.outdir import staged_output
 
 EMBEDDER_FILE = "embedder.onnx"
 PLE_TABLE_FILE = "ple_table.data"

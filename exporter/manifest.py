@@ -13,9 +13,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from exporter.errors import UserError
+from exporter.jsonfile import read_json_object
 from exporter.spec import Gemma4Spec
-from ple_export.errors import UserError
-from ple_export.jsonfile import read_json_object
 
 if TYPE_CHECKING:
     from exporter.export import Checkpoint

@@ -29,8 +29,8 @@ from typing import Any, BinaryIO
 import ml_dtypes
 import numpy as np
 
-from ple_export.errors import UserError
-from ple_export.jsonfile import read_json_object
+from exporter.errors import UserError
+from exporter.jsonfile import read_json_object
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"

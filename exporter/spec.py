@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ple_export.errors import UserError
-from ple_export.jsonfile import read_json_object
+from exporter.errors import UserError
+from exporter.jsonfile import read_json_object
 
 SLIDING = "sliding_attention"
 FULL = "full_attention"

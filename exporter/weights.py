@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Protocol
 
+from exporter.errors import UserError
 from exporter.spec import Gemma4Spec
-from ple_export.errors import UserError
 
 # HF name (below the text prefix) -> our name. Shapes come from `_shapes` below.
 GLOBAL_MAP: dict[str, str] = {

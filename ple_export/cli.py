@@ -19,7 +19,7 @@ from rich.table import Table
 # typer 0.29 vendors click; its usage errors are not exported at the top level
 from typer._click.exceptions import NoArgsIsHelpError, UsageError  # noqa: E402
 
-from ple_export.errors import UserError
+from exporter.errors import UserError
 
 app = typer.Typer(
     add_completion=False,
@@ -189,9 +189,9 @@ def demo(
     """The embedded default end to end: synth the tiny model, export it, inspect it, run it."""
     with _user_errors():
         from exporter.export import ExportOptions, export_bundle
+        from exporter.outdir import check_output
         from exporter.spec import get_preset
         from exporter.synth import synth_to_folder
-        from ple_export.outdir import check_output
         from runtime_harness.session import BundleSession
 
         ckpt_dir, bundle_dir = output / "checkpoint", output / "bundle"

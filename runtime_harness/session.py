@@ -15,7 +15,7 @@ import numpy as np
 import onnxruntime as ort
 
 from exporter import manifest as manifest_mod
-from ple_export.errors import UserError
+from exporter.errors import UserError
 
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
 

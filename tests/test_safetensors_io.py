@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from exporter.errors import UserError
 from exporter.safetensors_io import (
     INDEX_FILE,
     SINGLE_FILE,
@@ -20,7 +21,6 @@ from exporter.safetensors_io import (
     read_rows,
     read_tensor,
 )
-from ple_export.errors import UserError
 
 TORCH = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from exporter.errors import UserError
 from exporter.spec import PRESETS, Gemma4Spec
-from ple_export.errors import UserError
 from tests.conftest import VARIANTS
 
 

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 import pytest
 
+from exporter.errors import UserError
 from exporter.spec import get_preset
 from exporter.weights import hf_weight_shapes, map_checkpoint
-from ple_export.errors import UserError
 
 SPEC = get_preset("tiny")
 

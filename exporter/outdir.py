@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ple_export.errors import UserError
+from exporter.errors import UserError
 
 Replaceable = Callable[[Path], bool]
 

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ple_export.errors import UserError
+from exporter.errors import UserError
 
 
 def read_json_object(path: Path) -> dict[str, Any]:
