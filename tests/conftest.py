@@ -15,7 +15,19 @@ if str(ROOT) not in sys.path:  # run from a checkout without `pip install -e`
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+from hypothesis import HealthCheck, settings  # noqa: E402
+
 from exporter.spec import Gemma4Spec, get_preset  # noqa: E402
+
+# Fuzzers (hypothesis): seeded and bounded by default so CI stays fast; `PLE_FUZZ=nightly` runs many
+# more examples with fresh randomness.
+settings.register_profile(
+    "ci", max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.register_profile(
+    "nightly", max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.load_profile(os.environ.get("PLE_FUZZ", "ci"))
 
 # Parity variants named by the issue: the tiny preset; double-wide MLP + K=V attention; softcap off
 # (that one also has no KV sharing, so every layer owns its cache).
