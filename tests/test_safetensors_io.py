@@ -1,12 +1,14 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import ml_dtypes
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from exporter.errors import UserError
@@ -132,7 +134,7 @@ def test_writer_header_padded_and_deterministic(tmp_path: Path) -> None:
     assert blobs[0] == blobs[1]
     n = int.from_bytes(blobs[0][:8], "little")
     assert n % 8 == 0
-    assert blobs[0][8:8 + n].decode().startswith("{")
+    assert blobs[0][8 : 8 + n].decode().startswith("{")
     assert len(blobs[0]) == 8 + n + 12 * 2 + 3 * 4
 
 
@@ -283,8 +285,12 @@ def test_error_header_not_json(tmp_path: Path) -> None:
 
 
 def test_error_header_size_larger_than_file(tmp_path: Path) -> None:
-    _write_raw(tmp_path / SINGLE_FILE, {"t": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}},
-               b"\0" * 4, header_size=10_000)
+    _write_raw(
+        tmp_path / SINGLE_FILE,
+        {"t": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}},
+        b"\0" * 4,
+        header_size=10_000,
+    )
     _raises(tmp_path, str(tmp_path / SINGLE_FILE), "header size 10000")
     (tmp_path / SINGLE_FILE).write_bytes(b"\1\0")
     _raises(tmp_path, str(tmp_path / SINGLE_FILE), "truncated")
@@ -309,16 +315,21 @@ def test_error_truncated_shard(tmp_path: Path) -> None:
     [([0, 12], [2, 2]), ([4, 24], [2, 2]), ([8, 4], [1]), ([0, 16], [2, -2])],
 )
 def test_error_bad_offsets(tmp_path: Path, offsets: list[int], shape: list[int]) -> None:
-    _write_raw(tmp_path / SINGLE_FILE, {"w.bad": {"dtype": "F32", "shape": shape, "data_offsets": offsets}},
-               b"\0" * 32)
+    _write_raw(
+        tmp_path / SINGLE_FILE,
+        {"w.bad": {"dtype": "F32", "shape": shape, "data_offsets": offsets}},
+        b"\0" * 32,
+    )
     _raises(tmp_path, str(tmp_path / SINGLE_FILE), "w.bad")
 
 
 def test_error_malformed_entry_and_duplicate_key(tmp_path: Path) -> None:
     _write_raw(tmp_path / SINGLE_FILE, {"w.odd": {"dtype": "F32", "shape": [1]}}, b"\0" * 4)
     _raises(tmp_path, "w.odd", "data_offsets")
-    blob = b'{"t":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"t":{"dtype":"F32","shape":[1],' \
-           b'"data_offsets":[0,4]}}'
+    blob = (
+        b'{"t":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"t":{"dtype":"F32","shape":[1],'
+        b'"data_offsets":[0,4]}}'
+    )
     (tmp_path / SINGLE_FILE).write_bytes(len(blob).to_bytes(8, "little") + blob + b"\0" * 4)
     _raises(tmp_path, "duplicate key 't'")
 
@@ -415,3 +426,230 @@ def test_writer_context_manager_error_writes_no_index(tmp_path: Path) -> None:
     # An incomplete shard is reported as truncated on reading.
     with pytest.raises(UserError, match="truncated"):
         read_header(w.paths[1])
+
+
+# ---- header rules, as the official library's read_metadata / Metadata::validate --------------------
+# Each test builds a file by hand, checks the official library's verdict on it (so the rule is the
+# format's, not ours) and ours; each fails if our check for that rule is removed.
+
+
+def _f32(begin: int, end: int, shape: list[int] | None = None, dtype: str = "F32") -> str:
+    shape = [(end - begin) // 4] if shape is None else shape
+    return json.dumps({"dtype": dtype, "shape": shape, "data_offsets": [begin, end]})
+
+
+def _file(tmp_path: Path, header: str | bytes, data: bytes = b"", size_field: int | None = None) -> Path:
+    blob = header.encode() if isinstance(header, str) else header
+    path = tmp_path / SINGLE_FILE
+    n = len(blob) if size_field is None else size_field
+    path.write_bytes(n.to_bytes(8, "little") + blob + data)
+    return path
+
+
+def _official_accepts(path: Path) -> bool:
+    try:
+        with safe_open(str(path), "np") as f:
+            list(f.keys())
+        return True
+    except Exception:
+        return False
+
+
+def _refused(path: Path, *needles: str) -> str:
+    """Both the official library and ours refuse `path`; our one-line message holds `needles`."""
+    assert not _official_accepts(path)
+    with pytest.raises(UserError) as ei:
+        read_header(path)
+    msg = str(ei.value)
+    assert "\n" not in msg and str(path) in msg
+    for needle in needles:
+        assert needle in msg, (needle, msg)
+    return msg
+
+
+def _accepted(path: Path) -> dict:
+    assert _official_accepts(path)
+    return read_header(path)
+
+
+def test_header_size_limit_is_the_official_100_000_000(tmp_path: Path) -> None:
+    _refused(_file(tmp_path, "{}", size_field=100_000_001), "header size 100000001", "limit of 100000000")
+    msg = _refused(_file(tmp_path, "{}", size_field=100_000_000), "header size 100000000")
+    assert "larger than the file" in msg
+
+
+def test_header_may_be_padded_with_json_whitespace(tmp_path: Path) -> None:
+    infos = _accepted(_file(tmp_path, ' \t\r\n{"t": ' + _f32(0, 4) + "} \n\t\r  ", b"\1\2\3\4"))
+    assert infos["t"].nbytes == 4 and infos["t"].offset == (tmp_path / SINGLE_FILE).stat().st_size - 4
+    for pad in ("\0", "\x0c", "\u00a0"):  # not JSON whitespace
+        _refused(_file(tmp_path, '{"t": ' + _f32(0, 4) + "}" + pad, b"\0" * 4), "not valid JSON")
+
+
+def test_header_must_be_utf8(tmp_path: Path) -> None:
+    header = b'{"t\xff": ' + _f32(0, 4).encode() + b"}"
+    _refused(_file(tmp_path, header, b"\0" * 4), "not valid JSON", "invalid UTF-8 at byte 11")
+
+
+def test_header_must_be_an_object(tmp_path: Path) -> None:
+    _refused(_file(tmp_path, "[]"), "header is an array, not a JSON object")
+
+
+def test_header_json_constants_nan_and_infinity_are_refused(tmp_path: Path) -> None:
+    _refused(
+        _file(tmp_path, '{"t": {"dtype": "F32", "shape": [NaN], "data_offsets": [0, 0]}}'), "not valid JSON"
+    )
+
+
+def test_header_minus_zero_is_not_an_integer(tmp_path: Path) -> None:
+    # serde_json reads -0 as the float -0.0, which no integer field accepts
+    _refused(
+        _file(tmp_path, '{"t": {"dtype": "F32", "shape": [1], "data_offsets": [-0, 4]}}', b"\0" * 4), "-0.0"
+    )
+
+
+def test_header_integers_stop_below_2_64(tmp_path: Path) -> None:
+    big = 1 << 64
+    header = '{"t": {"dtype": "U8", "shape": [%d], "data_offsets": [0, 0]}}'
+    _refused(_file(tmp_path, header % big), "'shape' is not a list of integers")
+    header = '{"t": {"dtype": "U8", "shape": [0, %d], "data_offsets": [0, 0]}}'
+    assert _accepted(_file(tmp_path, header % (big - 1)))["t"].shape == (0, big - 1)
+    _refused(_file(tmp_path, header % big), "'shape' is not a list of integers")
+
+
+def test_header_booleans_are_not_integers(tmp_path: Path) -> None:
+    _refused(
+        _file(tmp_path, '{"t": {"dtype": "U8", "shape": [true], "data_offsets": [0, 1]}}', b"\0"), "shape"
+    )
+
+
+def test_header_lone_surrogate_escapes_are_refused(tmp_path: Path) -> None:
+    _refused(_file(tmp_path, '{"t\\ud800": ' + _f32(0, 4) + "}", b"\0" * 4), "lone UTF-16 surrogate")
+    meta = '{"__metadata__": {"k": "\\udc00"}, "t": ' + _f32(0, 4) + "}"
+    _refused(_file(tmp_path, meta, b"\0" * 4), "__metadata__", "lone UTF-16 surrogate")
+    # a surrogate pair is one character, fine
+    assert list(_accepted(_file(tmp_path, '{"t\\ud83d\\ude00": ' + _f32(0, 4) + "}", b"\0" * 4))) == [
+        "t\U0001f600"
+    ]
+
+
+def test_header_metadata_is_null_or_str_to_str(tmp_path: Path) -> None:
+    t = '"t": ' + _f32(0, 4)
+    assert list(_accepted(_file(tmp_path, '{"__metadata__": null, ' + t + "}", b"\0" * 4))) == ["t"]
+    _refused(_file(tmp_path, '{"__metadata__": ["a"], ' + t + "}", b"\0" * 4), "__metadata__ is an array")
+    _refused(
+        _file(tmp_path, '{"__metadata__": {"a": 1}, ' + t + "}", b"\0" * 4), "__metadata__ value for 'a'"
+    )
+
+
+def test_header_entry_must_be_an_object(tmp_path: Path) -> None:
+    _refused(_file(tmp_path, '{"w.x": null}'), "tensor 'w.x'", "header entry is null")
+
+
+def test_header_entry_needs_every_key(tmp_path: Path) -> None:
+    _refused(_file(tmp_path, '{"w.x": {"dtype": "F32", "data_offsets": [0, 0]}}'), "tensor 'w.x'", "no shape")
+
+
+def test_header_dtype_must_be_a_string(tmp_path: Path) -> None:
+    _refused(
+        _file(tmp_path, '{"w.x": {"dtype": 5, "shape": [], "data_offsets": [0, 4]}}', b"\0" * 4), "'dtype'"
+    )
+
+
+def test_header_data_offsets_are_exactly_two(tmp_path: Path) -> None:
+    header = '{"w.x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4, 4]}}'
+    _refused(_file(tmp_path, header, b"\0" * 4), "tensor 'w.x'", "'data_offsets' is not a pair")
+
+
+def test_header_element_count_overflow_as_the_official_running_product(tmp_path: Path) -> None:
+    big = 1 << 40
+    _refused(_file(tmp_path, '{"t": ' + _f32(0, 0, [big, big, 0]) + "}"), "2**64 or more elements")
+    infos = _accepted(_file(tmp_path, '{"t": ' + _f32(0, 0, [0, big, big]) + "}"))
+    assert infos["t"].shape == (0, big, big) and infos["t"].nbytes == 0
+    with pytest.raises(UserError, match="numpy cannot hold"):
+        read_tensor(infos["t"])
+
+
+def test_header_bit_count_overflow(tmp_path: Path) -> None:
+    _refused(_file(tmp_path, '{"t": ' + _f32(0, 0, [1 << 61]) + "}"), "2**64 or more bits")
+
+
+def test_header_sub_byte_dtypes_fill_whole_bytes(tmp_path: Path) -> None:
+    _refused(_file(tmp_path, '{"t": ' + _f32(0, 2, [3], "F4") + "}", b"\0\0"), "whole number of bytes")
+    infos = _accepted(_file(tmp_path, '{"t": ' + _f32(0, 2, [4], "F4") + "}", b"\0\0"))
+    assert infos["t"].nbytes == 2
+    with pytest.raises(UserError, match="has dtype F4"):
+        read_tensor(infos["t"])
+    with open(tmp_path / "out", "wb") as f:
+        copy_raw(infos["t"], f)
+
+
+def test_header_offsets_end_before_begin(tmp_path: Path) -> None:
+    header = '{"a": ' + _f32(0, 4) + ', "b": ' + _f32(4, 0, [0]) + "}"
+    _refused(_file(tmp_path, header, b"\0" * 4), "tensor 'b'", "end before they begin")
+
+
+def test_header_offsets_leave_no_gap(tmp_path: Path) -> None:
+    header = '{"a": ' + _f32(0, 4) + ', "b": ' + _f32(8, 12) + "}"
+    _refused(_file(tmp_path, header, b"\0" * 12), "tensor 'b'", "gap")
+    _refused(_file(tmp_path, '{"a": ' + _f32(4, 8) + "}", b"\0" * 8), "tensor 'a'", "gap")
+
+
+def test_header_offsets_do_not_overlap(tmp_path: Path) -> None:
+    # the issue's case: two tensors on the same bytes
+    header = '{"a": ' + _f32(0, 4) + ', "b": ' + _f32(0, 4) + "}"
+    _refused(_file(tmp_path, header, b"\0" * 4), "overlap tensor")
+    header = '{"a": ' + _f32(0, 8) + ', "b": ' + _f32(4, 12) + "}"
+    _refused(_file(tmp_path, header, b"\0" * 12), "tensor 'b'", "overlap tensor 'a'")
+
+
+def test_header_tensors_in_any_key_order_and_empty_ones_anywhere(tmp_path: Path) -> None:
+    header = '{"c": ' + _f32(4, 12) + ', "z": ' + _f32(4, 4, [0, 3]) + ', "a": ' + _f32(0, 4) + "}"
+    data = np.arange(3, dtype="<f4").tobytes()
+    infos = _accepted(_file(tmp_path, header, data))
+    assert list(infos) == ["a", "z", "c"]  # data-offset order
+    np.testing.assert_array_equal(read_tensor(infos["c"]), [1.0, 2.0])
+    assert read_tensor(infos["z"]).shape == (0, 3)
+
+
+def test_header_data_must_end_the_file(tmp_path: Path) -> None:
+    _refused(
+        _file(tmp_path, '{"t": ' + _f32(0, 4) + "}", b"\0" * 5), "1 stray bytes after the end of tensor 't'"
+    )
+    _refused(_file(tmp_path, "{}", b"\0"), "1 stray bytes")
+
+
+def test_header_duplicate_keys_are_refused_everywhere(tmp_path: Path) -> None:
+    # The format forbids duplicate keys; the official library keeps the last tensor or metadata value
+    # (and refuses a repeated field within an entry), we refuse them all.
+    t = _f32(0, 4)
+    path = _file(tmp_path, '{"__metadata__": {"k": "1", "k": "2"}, "t": ' + t + "}", b"\0" * 4)
+    assert _official_accepts(path)
+    with pytest.raises(UserError, match="__metadata__ has duplicate key 'k'"):
+        read_header(path)
+    path = _file(tmp_path, '{"t": ' + t[:-1] + ', "dtype": "F32"}}', b"\0" * 4)
+    _refused(path, "tensor 't' has duplicate key 'dtype'")
+
+
+def test_header_entries_with_other_keys_or_forms_are_refused(tmp_path: Path) -> None:
+    # Stricter than the official library, which ignores other keys and reads [dtype, shape, offsets]
+    # and {"F32": null} as a dtype: no writer produces these.
+    for entry, needle in [
+        (_f32(0, 4)[:-1] + ', "extra": 1}', "unexpected key 'extra'"),
+        ('["F32", [1], [0, 4]]', "header entry is an array"),
+        ('{"dtype": {"F32": null}, "shape": [1], "data_offsets": [0, 4]}', "'dtype' is not a string"),
+    ]:
+        path = _file(tmp_path, '{"t": ' + entry + "}", b"\0" * 4)
+        assert _official_accepts(path)
+        with pytest.raises(UserError, match=re.escape(needle)):
+            read_header(path)
+
+
+def test_header_nesting_is_a_user_error(tmp_path: Path) -> None:
+    deep = "[" * 5000 + "]" * 5000
+    _refused(_file(tmp_path, '{"t": ' + _f32(0, 0)[:-1] + ', "x": ' + deep + "}}"), "nested deeper")
+
+
+def test_header_names_with_control_characters_keep_messages_one_line(tmp_path: Path) -> None:
+    header = json.dumps({"a\nb\x00": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}})
+    msg = _refused(_file(tmp_path, header, b"\0" * 4), "inconsistent")
+    assert repr("a\nb\x00") in msg
