@@ -1,5 +1,40 @@
 """Errors a user can act on. The CLI prints their message as one line and exits non-zero."""
 
+from __future__ import annotations
+
+import errno
+import os
+
 
 class UserError(Exception):
     """Bad input or environment: the message says what and where, no traceback is shown."""
+
+
+class Terminated(BaseException):
+    """SIGTERM (CI cancel, `docker stop`, systemd): unwinds like Ctrl-C, so staging folders go."""
+
+
+_ADVICE = {
+    errno.EACCES: "check its permissions",
+    errno.EPERM: "check its permissions",
+    errno.ENAMETOOLONG: "use a shorter name",
+    errno.EISDIR: "expected a file, found a folder",
+    errno.ENOTDIR: "a part of the path is a file, not a folder",
+    errno.EROFS: "the file system is read-only; choose another place",
+    errno.ENOSPC: "no space left on the device; free some or choose another place",
+    errno.EDQUOT: "disk quota exceeded; free some space or choose another place",
+    errno.EIO: "the storage reported an I/O error; check the device",
+    errno.ENOENT: "no such file or folder",
+    errno.ELOOP: "too many levels of symbolic links",
+    errno.EMFILE: "too many open files; raise `ulimit -n`",
+    errno.EFBIG: "file too large for this file system or limit",
+    errno.EXDEV: "output and its staging folder must be on one file system",
+}
+
+
+def os_error(e: OSError, fallback: object = "") -> UserError:
+    """An OSError as a one-line UserError naming the path and what to do."""
+    where = e.filename if e.filename is not None else fallback
+    what = e.strerror or (os.strerror(e.errno) if e.errno else type(e).__name__)
+    advice = _ADVICE.get(e.errno or -1)
+    return UserError(f"{where}: {what}" + (f" ({advice})" if advice and advice != what.lower() else ""))

@@ -189,8 +189,9 @@ def export_bundle(
     src, dst = checkpoint.resolve(), out_dir.resolve()
     if dst == src or src.is_relative_to(dst):
         raise UserError(f"{out_dir}: the output folder would replace the checkpoint {checkpoint}")
-    is_bundle = lambda p: (p / manifest_mod.MANIFEST_FILE).is_file()  # noqa: E731
-    with staged_output(out_dir, opts.overwrite, is_bundle, "a ple-export bundle") as tmp:
+    with staged_output(
+        out_dir, opts.overwrite, manifest_mod.is_earlier_bundle, "a ple-export bundle", inputs=[checkpoint]
+    ) as tmp:
         hashes: dict[str, str] = {}  # data files, hashed while written
         _write_embedder(ckpt, tmp, ple_dtype, opts, report, hashes)
         _write_decoder(ckpt, tmp, opts, report, hashes)

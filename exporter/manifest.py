@@ -5,16 +5,19 @@ Schema: docs/bundle-format.md. Written last, so a folder without it is not a bun
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
+import os
 import platform
+import re
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from exporter.bundle_files import member_path, sha256_file
 from exporter.errors import UserError
 from exporter.jsonfile import read_json_object
+from exporter.outdir import OWNER_FILE
 from exporter.spec import Gemma4Spec
 
 if TYPE_CHECKING:
@@ -34,12 +37,7 @@ _ROLES = {
 }
 
 
-def sha256_file(path: Path, chunk: int = 16 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+__all__ = ["sha256_file", "load", "write", "build"]
 
 
 def _io(name: str, dtype: str, shape: list[int | str], role: str, layer: int | None = None) -> dict[str, Any]:
@@ -142,7 +140,9 @@ def build(
     hashes = hashes or {}
     spec = ckpt.spec
     files = []
-    for path in sorted(p for p in bundle.iterdir() if p.is_file() and p.name != MANIFEST_FILE):
+    for path in sorted(
+        p for p in bundle.iterdir() if p.is_file() and p.name not in (MANIFEST_FILE, OWNER_FILE)
+    ):
         placement, role = _ROLES.get(path.name, ("none", "metadata"))
         files.append(
             {
@@ -199,45 +199,114 @@ def write(bundle: Path, manifest: dict[str, Any]) -> None:
 
 
 def load(bundle: Path) -> dict[str, Any]:
+    """Read and type-check manifest.json: every field a command or runtime reads is present and of
+    the right type, and every file path stays inside the bundle. One-line UserError otherwise."""
     path = bundle / MANIFEST_FILE
-    if not path.is_file():
-        raise UserError(f"{bundle}: no {MANIFEST_FILE} (not a ple-export bundle, or an unfinished export)")
+    try:
+        if path.is_symlink():
+            raise UserError(f"{path}: is a symlink; a bundle's manifest must be inside its folder")
+        if not path.is_file():
+            raise UserError(
+                f"{bundle}: no {MANIFEST_FILE} (not a ple-export bundle, or an unfinished export)"
+            )
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
     manifest = read_json_object(path)
     if manifest.get("format") != FORMAT:
         raise UserError(f"{path}: not a ple-export manifest")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise UserError(
-            f"{path}: format_version {manifest.get('format_version')} is not supported "
+            f"{path}: format_version {manifest.get('format_version')!r} is not supported "
             f"(this ple-export reads {FORMAT_VERSION})"
         )
-    for key in _REQUIRED:
-        node: Any = manifest
-        for part in key.split("."):
-            if not isinstance(node, dict) or part not in node:
-                raise UserError(f"{path}: malformed manifest, missing {key!r}")
-            node = node[part]
+    for key, kind in _REQUIRED.items():
+        _typed(manifest, key, kind, path)
+    for i, entry in enumerate(manifest["files"]):
+        for key, kind in _FILE_ENTRY.items():
+            _typed(entry, key, kind, path, f"files[{i}].")
+        member_path(bundle, entry["path"], str(path))
+        if not _SHA256.match(entry["sha256"]):
+            raise UserError(f"{path}: files[{i}].sha256 is not a sha256 hex digest")
+        if entry["placement"] not in PLACEMENTS:
+            raise UserError(f"{path}: files[{i}].placement {entry['placement']!r} is not one of {PLACEMENTS}")
+    names = [f["path"] for f in manifest["files"]]
+    if len(set(names)) != len(names):
+        raise UserError(f"{path}: a file is listed twice")
+    for graph in ("embedder", "decoder"):
+        for side in ("inputs", "outputs"):
+            for i, io in enumerate(manifest["graphs"][graph][side]):
+                for key, kind in _IO_ENTRY.items():
+                    _typed(io, key, kind, path, f"graphs.{graph}.{side}[{i}].")
+                if "layer" in io:
+                    _typed(io, "layer", "int", path, f"graphs.{graph}.{side}[{i}].")
+    for i, layer in enumerate(manifest["kv_cache"]["layers"]):
+        _typed(layer, "layer", "int", path, f"kv_cache.layers[{i}].")
+    if not all(_is_int(t) for t in manifest["generation"]["eos_token_ids"]):
+        raise UserError(f"{path}: generation.eos_token_ids must be a list of integers")
     return manifest
 
 
-# what the CLI and runtime_harness read; a manifest without them is refused up front
-_REQUIRED = (
-    "files",
-    "model.spec",
-    "model.num_parameters",
-    "model.family",
-    "graphs.embedder.file",
-    "graphs.embedder.inputs",
-    "graphs.embedder.outputs",
-    "graphs.decoder.file",
-    "graphs.decoder.inputs",
-    "graphs.decoder.outputs",
-    "ple.rows",
-    "ple.row_bytes",
-    "ple.dtype",
-    "ple.page_size",
-    "ple.pages_per_token.min",
-    "ple.pages_per_token.mean",
-    "ple.pages_per_token.max",
-    "kv_cache.layers",
-    "generation.eos_token_ids",
-)
+def is_earlier_bundle(folder: Path) -> bool:
+    """May `--overwrite` replace `folder`? Only if it is a ple-export bundle holding nothing but
+    manifest.json and (a subset of) the regular files its manifest lists."""
+    try:
+        listed = {f["path"] for f in load(folder)["files"]} | {MANIFEST_FILE}
+        return all(e.name in listed and e.is_file(follow_symlinks=False) for e in os.scandir(folder))
+    except (UserError, OSError):
+        return False
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+_KINDS: dict[str, Any] = {
+    "int": _is_int,
+    "count": lambda v: _is_int(v) and 0 <= v < 1 << 62,
+    "positive": lambda v: _is_int(v) and 0 < v < 1 << 62,
+    "number": lambda v: (_is_int(v) or isinstance(v, float)) and v == v and abs(v) < 1e18,
+    "str": lambda v: isinstance(v, str),
+    "list": lambda v: isinstance(v, list),
+    "dict": lambda v: isinstance(v, dict),
+}
+
+
+def _typed(doc: dict[str, Any], key: str, kind: str, path: Path, prefix: str = "") -> None:
+    node: Any = doc
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise UserError(f"{path}: malformed manifest, missing {prefix + key!r}")
+        node = node[part]
+    if not _KINDS[kind](node):
+        raise UserError(f"{path}: malformed manifest, {prefix + key!r} must be a {kind}, got {node!r:.60}")
+
+
+PLACEMENTS = ("flash", "dram", "none")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+# what the CLI and runtime_harness read, with their types; a manifest without them is refused up front
+_REQUIRED = {
+    "files": "list",
+    "model.spec": "dict",
+    "model.spec.num_hidden_layers": "positive",
+    "model.spec.hidden_size": "positive",
+    "model.num_parameters": "count",
+    "model.family": "str",
+    "graphs.embedder.file": "str",
+    "graphs.embedder.inputs": "list",
+    "graphs.embedder.outputs": "list",
+    "graphs.decoder.file": "str",
+    "graphs.decoder.inputs": "list",
+    "graphs.decoder.outputs": "list",
+    "ple.rows": "count",
+    "ple.row_bytes": "positive",
+    "ple.dtype": "str",
+    "ple.page_size": "positive",
+    "ple.pages_per_token.min": "number",
+    "ple.pages_per_token.mean": "number",
+    "ple.pages_per_token.max": "number",
+    "kv_cache.layers": "list",
+    "generation.eos_token_ids": "list",
+}
+_FILE_ENTRY = {"path": "str", "bytes": "count", "sha256": "str", "placement": "str", "role": "str"}
+_IO_ENTRY = {"name": "str", "dtype": "str", "shape": "list", "role": "str"}

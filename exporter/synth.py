@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -178,6 +179,23 @@ def synth_checkpoint(
     return out_dir
 
 
+_SYNTH_FILES = re.compile(
+    r"config\.json|generation_config\.json|model\.safetensors(\.index\.json)?|model-\d{5}-of-\d{5}\.safetensors"
+)
+
+
+def is_earlier_checkpoint(folder: Path) -> bool:
+    """May `synth --overwrite` replace `folder`? Only if it holds nothing but the regular files a
+    synthetic checkpoint consists of (config.json, generation_config.json, safetensors, index)."""
+    try:
+        entries = list(os.scandir(folder))
+        return any(e.name == "config.json" for e in entries) and all(
+            _SYNTH_FILES.fullmatch(e.name) and e.is_file(follow_symlinks=False) for e in entries
+        )
+    except OSError:
+        return False
+
+
 def synth_to_folder(
     spec: Gemma4Spec,
     out_dir: Path,
@@ -190,8 +208,7 @@ def synth_to_folder(
     """`synth_checkpoint` into a folder that is complete or absent; `progress(advance, total)`."""
     total = synth_total_bytes(spec, dtype)
     report = (lambda n: progress(n, total)) if progress else None
-    is_checkpoint = lambda p: (p / "config.json").is_file()  # noqa: E731
-    with staged_output(Path(out_dir), overwrite, is_checkpoint, "a checkpoint folder") as tmp:
+    with staged_output(Path(out_dir), overwrite, is_earlier_checkpoint, "a synthetic checkpoint") as tmp:
         synth_checkpoint(spec, tmp, dtype, seed, max_shard_bytes, report)
     return {"path": str(Path(out_dir).absolute()), "bytes": total, "num_parameters": spec.num_parameters(),
             "dtype": dtype, "seed": seed}

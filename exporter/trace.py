@@ -14,6 +14,7 @@ import signal
 import threading
 import warnings
 from collections.abc import Iterator
+from typing import Any
 
 import onnx_ir as ir
 import torch
@@ -34,26 +35,36 @@ def kv_output_names(spec: Gemma4Spec) -> list[str]:
 
 @contextlib.contextmanager
 def _interruptible() -> Iterator[None]:
-    """Ctrl-C during tracing must stop the export. A KeyboardInterrupt raised inside dynamo can come
-    back wrapped as an ordinary error, and torch.onnx.export then silently retries with another
-    capture strategy; remember the signal and raise again once tracing returns."""
+    """Ctrl-C (or SIGTERM, when the CLI turned it into an exception) during tracing must stop the
+    export. An exception raised inside dynamo can come back wrapped as an ordinary error, and
+    torch.onnx.export then silently retries with another capture strategy; remember the signal and
+    raise again once tracing returns."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    interrupted = False
-    previous = signal.getsignal(signal.SIGINT)
+    watched = [signal.SIGINT] + [signal.SIGTERM] * callable(signal.getsignal(signal.SIGTERM))
+    previous = {s: signal.getsignal(s) for s in watched}
+    caught: list[signal.Signals] = []
 
-    def on_sigint(signum: int, frame: object) -> None:
-        nonlocal interrupted
-        interrupted = True
+    def on_signal(signum: int, frame: Any) -> None:
+        signum = signal.Signals(signum)
+        caught.append(signum)
+        handler = previous[signum]
+        if callable(handler):
+            handler(signum, frame)  # raises (KeyboardInterrupt, errors.Terminated)
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGINT, on_sigint)
+    for s in watched:
+        signal.signal(s, on_signal)
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
-    if interrupted:
+        for s in watched:
+            signal.signal(s, previous[s])
+    if caught:
+        handler = previous[caught[0]]
+        if callable(handler):
+            handler(caught[0], None)
         raise KeyboardInterrupt
 
 

@@ -4,6 +4,7 @@ exporter/ and runtime_harness/. Errors a user can fix print one line and exit 2.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -13,13 +14,15 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 # typer 0.29 vendors click; its usage errors are not exported at the top level
 from typer._click.exceptions import NoArgsIsHelpError, UsageError  # noqa: E402
 
-from exporter.errors import UserError
+from exporter.errors import Terminated, UserError, os_error
 
 app = typer.Typer(
     add_completion=False,
@@ -32,12 +35,37 @@ err = Console(stderr=True)
 out = Console()
 
 EXIT_USER_ERROR = 2
+EXIT_INTERNAL = 70  # a bug of ours (EX_SOFTWARE); PLE_EXPORT_DEBUG=1 shows the traceback
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F)} | {
+    ord("\n"): "\\n",
+    ord("\r"): "\\r",
+    ord("\t"): "\\t",
+}
+
+
+def one_line(text: object) -> str:
+    """Control characters spelled out (a path with a newline still prints on one line)."""
+    return str(text).translate(_CONTROL)
+
+
+def literal(text: object) -> str:
+    """User-controlled text (paths, tensor names, manifest fields) for console markup: one line,
+    shown as is (rich markup escaped, control characters spelled out)."""
+    return escape(one_line(text))
 
 
 def _fail(message: str, code: int = EXIT_USER_ERROR) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {literal(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
+
+
+class _NoteHandler(logging.Handler):
+    """The library's notices (`ple_export` logger), e.g. a stale staging folder removed."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        err.print(f"[yellow]note:[/] {literal(record.getMessage())}", highlight=False, soft_wrap=True)
 
 
 @contextmanager
@@ -46,8 +74,23 @@ def _user_errors() -> Iterator[None]:
         yield
     except UserError as e:
         _fail(str(e))
+    except OSError as e:
+        _fail(str(os_error(e)))
     except KeyboardInterrupt:
         _fail("interrupted; no partial output was left behind", EXIT_INTERRUPTED)
+    except Terminated:
+        _fail("terminated; no partial output was left behind", EXIT_TERMINATED)
+    except (typer.Exit, typer.Abort):
+        raise
+    except Exception as e:
+        if os.environ.get("PLE_EXPORT_DEBUG"):
+            raise
+        first = (str(e).splitlines() or [""])[0]
+        _fail(
+            f"internal error ({type(e).__name__}: {first}); this is a bug in ple-export, "
+            "rerun with PLE_EXPORT_DEBUG=1 for the traceback",
+            EXIT_INTERNAL,
+        )
 
 
 @contextmanager
@@ -123,7 +166,7 @@ def synth(
             as_json,
             lambda: out.print(
                 f"wrote {result['num_parameters'] / 1e6:,.1f}M-parameter {preset} checkpoint "
-                f"({_human(result['bytes'])}) to {result['path']}"
+                f"({_human(result['bytes'])}) to {literal(result['path'])}"
             ),
         )
 
@@ -164,15 +207,11 @@ def inspect(
         from exporter import manifest as manifest_mod
 
         manifest = manifest_mod.load(bundle)
-        try:
-            summary = _bundle_summary(bundle, manifest)
-            if verify:
-                summary["verify"] = _verify(bundle, manifest)
-            _emit(summary, as_json, lambda: _print_summary(summary, None))
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise UserError(
-                f"{bundle / 'manifest.json'}: malformed manifest ({type(e).__name__}: {e})"
-            ) from None
+        summary = _bundle_summary(bundle, manifest)
+        checks = _check_bundle(bundle, manifest, verify)
+        if verify:
+            summary["verify"] = checks
+        _emit(summary, as_json, lambda: _print_summary(summary, None))
         if verify and summary["verify"]["problems"]:
             _fail(f"{bundle}: {summary['verify']['problems'][0]}")
 
@@ -189,31 +228,32 @@ def demo(
     """The embedded default end to end: synth the tiny model, export it, inspect it, run it."""
     with _user_errors():
         from exporter.export import ExportOptions, export_bundle
+        from exporter.manifest import is_earlier_bundle
         from exporter.outdir import check_output
         from exporter.spec import get_preset
-        from exporter.synth import synth_to_folder
+        from exporter.synth import is_earlier_checkpoint, synth_to_folder
         from runtime_harness.session import BundleSession
 
         ckpt_dir, bundle_dir = output / "checkpoint", output / "bundle"
         if output.exists() and not output.is_dir():
             raise UserError(f"{output}: exists and is not a directory")
         if output.is_dir():
-            for d in (ckpt_dir, bundle_dir):
-                check_output(d, overwrite)
+            check_output(ckpt_dir, overwrite, is_earlier_checkpoint, "a synthetic checkpoint")
+            check_output(bundle_dir, overwrite, is_earlier_bundle, "a ple-export bundle", [ckpt_dir])
         try:
             output.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise UserError(f"{output}: cannot create the demo folder ({e.strerror or e})") from None
+            raise os_error(e, output) from None
         spec = get_preset("tiny")
         with _progress(not quiet and not as_json) as progress:
             synth_to_folder(
                 spec, ckpt_dir, overwrite=overwrite, progress=lambda n, t: progress("synth", n, t)
             )
             result = export_bundle(ckpt_dir, bundle_dir, ExportOptions(overwrite=overwrite), progress)
-        verify = _verify(bundle_dir, result.manifest)
+        verify = _check_bundle(bundle_dir, result.manifest, True)
         if verify["problems"]:
             raise UserError(f"{bundle_dir}: {verify['problems'][0]}")
-        session = BundleSession(bundle_dir)
+        session = BundleSession(bundle_dir, check=False)  # verified just above
         import time
 
         import numpy as np
@@ -327,12 +367,17 @@ def _bundle_summary(bundle: Path, manifest: dict[str, Any]) -> dict[str, Any]:
 
 def _print_summary(summary: dict[str, Any], headline: str | None) -> None:
     if headline:
-        out.print(f"[green]{headline}[/]: {summary['bundle']}")
+        out.print(f"[green]{headline}[/]: {literal(summary['bundle'])}")
     table = Table(title=None, show_edge=False)
     for col in ("file", "placement", "role", "bytes"):
         table.add_column(col, justify="right" if col == "bytes" else "left")
     for f in summary["files"]:
-        table.add_row(f["path"], f["placement"], f["role"], _human(f["bytes"]))
+        table.add_row(
+            Text(one_line(f["path"])),
+            Text(one_line(f["placement"])),
+            Text(one_line(f["role"])),
+            _human(f["bytes"]),
+        )
     out.print(table)
     b, ple, m = summary["bytes"], summary["ple"], summary["model"]
     out.print(
@@ -342,7 +387,7 @@ def _print_summary(summary: dict[str, Any], headline: str | None) -> None:
     )
     pages = ple["pages_per_token"]
     out.print(
-        f"PLE table: {ple['rows']:,} rows x {ple['row_bytes']:,} B ({ple['dtype']}); a token reads "
+        f"PLE table: {ple['rows']:,} rows x {ple['row_bytes']:,} B ({literal(ple['dtype'])}); a token reads "
         f"{pages['min']}-{pages['max']} (mean {pages['mean']}) page(s) of {ple['page_size'] // 1024} KiB"
     )
     if "verify" in summary:
@@ -354,37 +399,34 @@ def _print_summary(summary: dict[str, Any], headline: str | None) -> None:
         )
 
 
-def _verify(bundle: Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    from exporter.manifest import sha256_file
+def _check_bundle(bundle: Path, manifest: dict[str, Any], verify: bool) -> dict[str, Any]:
+    """Refuse a bundle whose files escape it (UserError); with `verify`, also list missing files and
+    size or sha256 mismatches."""
+    from exporter.bundle_files import check_files, check_graph_references
 
-    problems = []
-    for f in manifest["files"]:
-        rel = Path(f["path"])
-        if rel.is_absolute() or ".." in rel.parts:
-            problems.append(f"{f['path']} points outside the bundle")
-            continue
-        path = bundle / rel
-        if not path.is_file():
-            problems.append(f"{f['path']} is missing")
-        elif path.stat().st_size != f["bytes"]:
-            problems.append(f"{f['path']} has {path.stat().st_size} bytes, manifest says {f['bytes']}")
-        elif sha256_file(path) != f["sha256"]:
-            problems.append(f"{f['path']} sha256 differs from the manifest")
-    return {"checked": len(manifest["files"]), "problems": problems}
+    checks = check_files(bundle, manifest, verify_hashes=verify)
+    for graph in ("embedder", "decoder"):
+        check_graph_references(bundle, manifest, manifest["graphs"][graph]["file"])
+    problems = [f"{c.path} {c.problem}" for c in checks if c.problem]
+    return {"checked": len(checks), "problems": problems}
 
 
 def main() -> None:
     """Console entry: usage errors become one line too (typer would draw a multi-line box)."""
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+    logger = logging.getLogger("ple_export")
+    logger.addHandler(_NoteHandler())
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
     try:
         rv = app(standalone_mode=False)
     except NoArgsIsHelpError as e:
-        out.print(e.ctx.get_help() if e.ctx else "ple-export --help", highlight=False)
+        out.print(e.ctx.get_help() if e.ctx else "ple-export --help", highlight=False, markup=False)
         sys.exit(0)
     except UsageError as e:
         command = e.ctx.command_path if e.ctx else "ple-export"
         err.print(
-            f"[bold red]error:[/] {e.format_message()} (see `{command} --help`)",
+            f"[bold red]error:[/] {literal(e.format_message())} (see `{literal(command)} --help`)",
             highlight=False,
             soft_wrap=True,
         )

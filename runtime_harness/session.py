@@ -15,6 +15,7 @@ import numpy as np
 import onnxruntime as ort
 
 from exporter import manifest as manifest_mod
+from exporter.bundle_files import trusted_bundle
 from exporter.errors import UserError
 
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
@@ -37,9 +38,15 @@ class Generation:
 
 
 class BundleSession:
-    def __init__(self, bundle: Path, threads: int = 0, graph_optimization: str = "all"):
+    def __init__(
+        self, bundle: Path, threads: int = 0, graph_optimization: str = "all", check: bool = True
+    ):
+        """Open a bundle from its manifest. Before any onnxruntime session exists, every file is
+        checked to be inside the bundle (no symlink, hard link or external-data reference out of it)
+        and, unless `check=False`, of the manifest's size and sha256."""
         self.bundle = Path(bundle)
         self.manifest = manifest_mod.load(self.bundle)
+        trusted_bundle(self.bundle, self.manifest, verify_hashes=check)
         graphs = self.manifest["graphs"]
         levels = {
             "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,

@@ -12,6 +12,7 @@ each) are all started at once on two workers; the tests then only check their re
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import resource
@@ -90,13 +91,47 @@ def assert_nothing_left(out: Path, before: dict[str, bytes | None] | None = None
     assert leftovers(out) == [], f"temp folders left beside {out}: {leftovers(out)}"
 
 
+def earlier_manifest(files: dict[str, bytes]) -> dict[str, Any]:
+    """The smallest manifest `load` accepts, listing `files` with their true sizes and hashes."""
+    return {
+        "format": "ple-export-bundle",
+        "format_version": 1,
+        "files": [
+            {
+                "path": n,
+                "bytes": len(b),
+                "sha256": hashlib.sha256(b).hexdigest(),
+                "placement": "none",
+                "role": "metadata",
+            }
+            for n, b in files.items()
+        ],
+        "model": {
+            "family": "gemma4",
+            "num_parameters": 1,
+            "spec": {"num_hidden_layers": 1, "hidden_size": 1},
+        },
+        "graphs": {g: {"file": f"{g}.onnx", "inputs": [], "outputs": []} for g in ("embedder", "decoder")},
+        "ple": {
+            "rows": 1,
+            "row_bytes": 2,
+            "dtype": "bfloat16",
+            "page_size": 4096,
+            "pages_per_token": {"min": 1, "mean": 1, "max": 1},
+        },
+        "kv_cache": {"layers": []},
+        "generation": {"eos_token_ids": [1]},
+    }
+
+
 def make_existing(out: Path) -> dict[str, bytes | None]:
-    """A non-empty folder an earlier export left at `out` (it has a manifest.json, so --overwrite
-    may replace it; a folder without one is refused even with --overwrite)."""
-    (out / "sub").mkdir(parents=True)
-    (out / "manifest.json").write_text('{"format": "ple-export-bundle"}\n')
-    (out / "notes.txt").write_text("my precious notes\n")
-    (out / "sub" / "data.bin").write_bytes(bytes(range(256)))
+    """A non-empty folder an earlier export left at `out`: a manifest listing every other file in it,
+    so --overwrite may replace it (anything else is refused even with --overwrite)."""
+    files = {"notes.txt": b"my precious notes\n", "old.data": bytes(range(256))}
+    out.mkdir(parents=True)
+    for name, data in files.items():
+        (out / name).write_bytes(data)
+    (out / "manifest.json").write_text(json.dumps(earlier_manifest(files)))
     return snapshot(out)
 
 
@@ -126,6 +161,33 @@ def _edit_header(shard: Path, edit: Callable[[dict[str, Any]], None]) -> None:
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
     shard.write_bytes(len(blob).to_bytes(8, "little") + blob + raw[8 + n :])
+
+
+def _edit_tensors(shard: Path, edit: Callable[[dict[str, Any]], None]) -> None:
+    """Rewrite a safetensors shard after `edit` changes its {name: {"dtype", "shape", "data"}} map; the
+    tensors are laid out again back to back, as the format requires (no gaps, no shared bytes)."""
+    raw = shard.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    meta = header.pop("__metadata__", None)
+    start = 8 + n
+    tensors = {
+        name: {
+            "dtype": e["dtype"],
+            "shape": e["shape"],
+            "data": raw[start + e["data_offsets"][0] : start + e["data_offsets"][1]],
+        }
+        for name, e in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"])
+    }
+    edit(tensors)
+    out: dict[str, Any] = {} if meta is None else {"__metadata__": meta}
+    pos = 0
+    for name, t in tensors.items():
+        out[name] = {"dtype": t["dtype"], "shape": t["shape"], "data_offsets": [pos, pos + len(t["data"])]}
+        pos += len(t["data"])
+    blob = json.dumps(out, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    shard.write_bytes(len(blob).to_bytes(8, "little") + blob + b"".join(t["data"] for t in tensors.values()))
 
 
 def _edit_index(ckpt: Path, edit: Callable[[dict[str, str]], None]) -> None:
@@ -229,7 +291,7 @@ def _tensor_shape_disagrees(ckpt: Path) -> list[Any]:
 
 def _missing_tensor(ckpt: Path) -> list[Any]:
     name = "model.layers.4.mlp.up_proj.weight"
-    _edit_header(_shard_of(ckpt, name), lambda h: h.pop(name))
+    _edit_tensors(_shard_of(ckpt, name), lambda t: t.pop(name))
     _edit_index(ckpt, lambda m: m.pop(name))
     return [name, "missing"]
 
@@ -237,7 +299,7 @@ def _missing_tensor(ckpt: Path) -> list[Any]:
 def _unexpected_tensor(ckpt: Path) -> list[Any]:
     extra, twin = "model.layers.0.mlp.extra_proj.weight", "model.layers.0.mlp.up_proj.weight"
     shard = _shard_of(ckpt, twin)
-    _edit_header(shard, lambda h: h.__setitem__(extra, dict(h[twin])))  # aliases twin's bytes
+    _edit_tensors(shard, lambda t: t.__setitem__(extra, dict(t[twin])))  # a copy of twin's bytes
     _edit_index(ckpt, lambda m: m.__setitem__(extra, shard.name))
     return [extra, "unexpected"]
 
@@ -488,10 +550,7 @@ def test_full_disk_leaves_the_old_folder(clean_ckpt: Path, tmp_path: Path) -> No
         if not mounted:
             mnt.mkdir(exist_ok=True)
         out = mnt / "bundle"
-        out.mkdir()
-        (out / "notes.txt").write_text("my precious notes\n")
-        (out / "manifest.json").write_text("{}\n")  # an earlier bundle: --overwrite may replace it
-        before = snapshot(out)
+        before = make_existing(out)  # an earlier bundle: --overwrite may replace it
         proc = cli(
             "export",
             clean_ckpt,
@@ -611,7 +670,7 @@ def test_overwrite_refuses_what_is_not_an_earlier_output(clean_ckpt: Path, tmp_p
     # a folder of someone else's, the checkpoint itself, the folder that holds the checkpoint
     cases = [
         (["export", ckpt, "-o", notes], notes, "not a ple-export bundle"),
-        (["synth", "-o", notes], notes, "not a checkpoint folder"),
+        (["synth", "-o", notes], notes, "not a synthetic checkpoint"),
         (["export", ckpt, "-o", ckpt], ckpt, "would replace the checkpoint"),
         (["export", ckpt, "-o", ckpt.parent], ckpt.parent, "would replace the checkpoint"),
     ]
