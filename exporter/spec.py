@@ -2,6 +2,10 @@
 
 Only what the decoder math needs is kept. Parsing is strict where a wrong guess would give wrong
 numbers (missing PLE, MoE, unknown RoPE types) and lenient about fields that do not change them.
+Every value that is read is bounded to what a real model of the family could have (`INT_BOUNDS`,
+`FLOAT_BOUNDS`, `MAX_PARAMETERS`; docs/config-bounds.md says why) and checked as it is read,
+before anything is sized from it: a bad config.json is a one-line `UserError` naming the field and
+its allowed range, never a hang, a huge allocation or an error from deep inside torch.
 """
 
 from __future__ import annotations
@@ -19,6 +23,63 @@ SLIDING = "sliding_attention"
 FULL = "full_attention"
 SUPPORTED_ROPE_TYPES = ("default", "proportional")
 SUPPORTED_ACTIVATIONS = ("gelu_pytorch_tanh",)
+
+
+@dataclass(frozen=True)
+class Range:
+    """An interval of allowed values; closed unless an end is marked open."""
+
+    lo: float
+    hi: float
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def holds(self, value: float) -> bool:
+        # written so that NaN (every comparison false) is outside
+        above = value > self.lo if self.lo_open else value >= self.lo
+        below = value < self.hi if self.hi_open else value <= self.hi
+        return above and below
+
+    def __str__(self) -> str:
+        lo, hi = (str(x) if isinstance(x, int) else f"{x:g}" for x in (self.lo, self.hi))
+        return f"{'(' if self.lo_open else '['}{lo}, {hi}{')' if self.hi_open else ']'}"
+
+
+# Bounds of every config.json value we read: generous around the largest real Gemma 4 / Gemma 3n
+# values, small enough that no single value can make parsing, validation or tracing blow up (see
+# docs/config-bounds.md for the table and the reasons). Integers are closed ranges.
+MAX_LAYERS = 256
+MAX_VOCAB = 2**20
+INT_BOUNDS: dict[str, Range] = {
+    "num_hidden_layers": Range(1, MAX_LAYERS),
+    "vocab_size": Range(1, MAX_VOCAB),
+    "vocab_size_per_layer_input": Range(1, MAX_VOCAB),
+    "hidden_size": Range(1, 65_536),
+    "hidden_size_per_layer_input": Range(1, 16_384),  # 0/null: no PLE, refused with its own message
+    "intermediate_size": Range(1, 262_144),
+    "num_attention_heads": Range(1, 256),
+    "num_key_value_heads": Range(1, 256),
+    "num_global_key_value_heads": Range(1, 256),
+    "head_dim": Range(2, 1024),  # and even: RoPE rotates pairs
+    "global_head_dim": Range(2, 1024),
+    "sliding_window": Range(2, 2**20),
+    "num_kv_shared_layers": Range(0, MAX_LAYERS - 1),  # and below num_hidden_layers
+    "max_position_embeddings": Range(1, 2**24),  # not used by the export; checked when present
+    "num_experts": Range(0, 4096),  # any positive count is MoE, refused
+    "pad_token_id": Range(0, MAX_VOCAB - 1),  # token ids: and below vocab_size
+    "bos_token_id": Range(0, MAX_VOCAB - 1),
+    "eos_token_id": Range(0, MAX_VOCAB - 1),
+}
+FLOAT_BOUNDS: dict[str, Range] = {
+    "rms_norm_eps": Range(1e-12, 1, hi_open=True),
+    "final_logit_softcapping": Range(1, 1e4),
+    "rope_theta": Range(1, 1e12),
+    "partial_rotary_factor": Range(0, 1, lo_open=True),
+    "factor": Range(1, 1024),
+}
+MAX_EOS_TOKENS = 64
+MAX_PARAMETERS = 10**11  # the whole text decoder, PLE table included
+MAX_CONFIG_BYTES = 2**20  # config.json; real ones are a few KiB
 
 
 @dataclass(frozen=True)
@@ -116,64 +177,83 @@ class Gemma4Spec:
 
     # ---- validation ----------------------------------------------------------------------------
     def validate(self) -> None:
-        if not self.hidden_size_per_layer_input:
+        """Every field within its bound (`INT_BOUNDS`, `FLOAT_BOUNDS`), the fields consistent with
+        each other, and the whole model at most `MAX_PARAMETERS`. Cheap: no loop longer than the
+        layer count, which is itself checked first."""
+        if _no_ple(self.hidden_size_per_layer_input):
+            raise UserError(_NO_PLE)
+        for name in _SPEC_INTS:
+            _check_int(name, getattr(self, name))
+        _check_int("num_global_key_value_heads", self.num_global_key_value_heads, nullable=True)
+        n = self.num_hidden_layers
+        if not isinstance(self.layer_types, (tuple, list)) or len(self.layer_types) != n:
+            got = _show(list(self.layer_types) if isinstance(self.layer_types, tuple) else self.layer_types)
             raise UserError(
-                "checkpoint has no Per-Layer Embeddings (hidden_size_per_layer_input is 0/null): "
-                "ple-export only exports PLE decoders"
+                f"config.json: field 'layer_types' must list {n} layer types (num_hidden_layers), got {got}"
             )
-        if self.num_hidden_layers <= 0:
-            raise UserError(f"config.json: num_hidden_layers must be positive, got {self.num_hidden_layers}")
-        if len(self.layer_types) != self.num_hidden_layers:
-            raise UserError(
-                f"config.json: layer_types has {len(self.layer_types)} entries, "
-                f"num_hidden_layers is {self.num_hidden_layers}"
-            )
-        bad = sorted({t for t in self.layer_types if t not in (SLIDING, FULL)})
+        bad = [t for t in self.layer_types if t not in (SLIDING, FULL)]
         if bad:
-            raise UserError(f"config.json: unsupported layer_types {bad}")
-        if not 0 <= self.num_kv_shared_layers < self.num_hidden_layers:
-            raise UserError(f"config.json: num_kv_shared_layers={self.num_kv_shared_layers} out of range")
+            raise UserError(f"config.json: unsupported layer type {_show(bad[0])} in layer_types")
+        if self.num_kv_shared_layers >= n:
+            raise UserError(
+                f"config.json: field 'num_kv_shared_layers' must be an integer in [0, {n - 1}] "
+                f"(below num_hidden_layers), got {self.num_kv_shared_layers}"
+            )
         owners = set(self.layer_types[: self.first_kv_shared_layer])
         if self.num_kv_shared_layers and owners != set(self.layer_types):
             raise UserError("config.json: KV-shared layers use a layer type that no KV-owning layer has")
+        for name in ("head_dim", "global_head_dim"):
+            if getattr(self, name) % 2:
+                value = getattr(self, name)
+                raise UserError(f"config.json: field {name!r} must be even (RoPE rotates pairs), got {value}")
         for t in set(self.layer_types):
             if t not in self.rope:
                 raise UserError(f"config.json: rope_parameters has no entry for {t}")
-        if self.hidden_activation not in SUPPORTED_ACTIVATIONS:
-            raise UserError(f"config.json: unsupported hidden_activation {self.hidden_activation!r}")
-        for name in (
-            "vocab_size",
-            "hidden_size",
-            "intermediate_size",
-            "num_attention_heads",
-            "num_key_value_heads",
-            "head_dim",
-            "global_head_dim",
-            "sliding_window",
-            "vocab_size_per_layer_input",
-            "hidden_size_per_layer_input",
-        ):
-            if getattr(self, name) <= 0:
-                raise UserError(f"config.json: {name} must be positive, got {getattr(self, name)}")
-        if self.sliding_window < 2:
-            raise UserError(f"config.json: sliding_window must be at least 2, got {self.sliding_window}")
-        if not self.rms_norm_eps > 0:
-            raise UserError(f"config.json: rms_norm_eps must be positive, got {self.rms_norm_eps}")
-        if self.final_logit_softcapping is not None and not self.final_logit_softcapping > 0:
-            raise UserError("config.json: final_logit_softcapping must be positive or null")
         for lt, r in self.rope.items():
-            if not (r.theta > 0 and r.factor > 0 and 0 < r.partial_rotary_factor <= 1):
+            where = f"rope_parameters.{lt}."
+            if r.rope_type not in SUPPORTED_ROPE_TYPES:
+                raise UserError(f"config.json: unsupported rope_type {_show(r.rope_type)} for {lt}")
+            _check_float(where + "rope_theta", r.theta)
+            _check_float(where + "partial_rotary_factor", r.partial_rotary_factor)
+            _check_float(where + "factor", r.factor)
+        if self.hidden_activation not in SUPPORTED_ACTIVATIONS:
+            raise UserError(f"config.json: unsupported hidden_activation {_show(self.hidden_activation)}")
+        _check_float("rms_norm_eps", self.rms_norm_eps)
+        _check_float("final_logit_softcapping", self.final_logit_softcapping, nullable=True)
+        for name in ("attention_k_eq_v", "use_double_wide_mlp"):
+            if not isinstance(getattr(self, name), bool):
                 raise UserError(
-                    f"config.json: rope_parameters.{lt} needs rope_theta > 0, factor > 0 and "
-                    f"0 < partial_rotary_factor <= 1"
+                    f"config.json: field {name!r} must be true or false, got {_show(getattr(self, name))}"
                 )
-        for i in range(self.num_hidden_layers):
+        ids = Range(0, self.vocab_size - 1)
+        _check_int("pad_token_id", self.pad_token_id, ids, nullable=True, note=" (below vocab_size)")
+        _check_int("bos_token_id", self.bos_token_id, ids, nullable=True, note=" (below vocab_size)")
+        if not isinstance(self.eos_token_id, tuple) or len(self.eos_token_id) > MAX_EOS_TOKENS:
+            raise UserError(
+                f"config.json: field 'eos_token_id' must be an id or a list of at most {MAX_EOS_TOKENS} ids, "
+                f"got {_show(self.eos_token_id)}"
+            )
+        for e in self.eos_token_id:
+            _check_int("eos_token_id", e, ids, note=" (below vocab_size)")
+        for i in range(n):
             if self.num_attention_heads % self.layer_kv_heads(i):
-                raise UserError("config.json: num_attention_heads is not a multiple of the KV heads")
+                raise UserError(
+                    f"config.json: num_attention_heads ({self.num_attention_heads}) is not a multiple of "
+                    f"the KV heads ({self.layer_kv_heads(i)}) of layer {i}"
+                )
+        params = self.num_parameters()
+        if params > MAX_PARAMETERS:
+            raise UserError(
+                f"config.json: the sizes (vocab_size, hidden_size, intermediate_size, num_hidden_layers, "
+                f"heads, head dims, PLE width) make {params:.3g} parameters; at most {MAX_PARAMETERS:.0e} "
+                "are supported"
+            )
 
     # ---- HF config.json ------------------------------------------------------------------------
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any]) -> Gemma4Spec:
+        """Parse config.json content. Each value is type- and range-checked as it is read, so that
+        nothing (a list of layer types, a float) is built from an unchecked size."""
         model_type = cfg.get("model_type")
         if model_type == "gemma4":
             text = cfg.get("text_config")
@@ -183,49 +263,47 @@ class Gemma4Spec:
             model_type = cfg.get("model_type", "gemma4_text")
         if model_type != "gemma4_text":
             raise UserError(
-                f"config.json: unsupported model_type {model_type!r} (supported: 'gemma4_text', 'gemma4')"
+                f"config.json: unsupported model_type {_show(model_type)} "
+                "(supported: 'gemma4_text', 'gemma4')"
             )
-        if cfg.get("enable_moe_block") or cfg.get("num_experts"):
+        f = _Fields(cfg)
+        if f.bool("enable_moe_block", False) or f.int("num_experts", None, null=None):
             raise UserError("config.json: Mixture-of-Experts Gemma 4 checkpoints are not supported")
-        if cfg.get("use_bidirectional_attention") == "all":  # "vision" is causal for text-only input
+        bidirectional = cfg.get("use_bidirectional_attention")
+        if bidirectional == "all":  # "vision" is causal for text-only input
             raise UserError(
                 "config.json: use_bidirectional_attention='all' is not supported (causal decoders only)"
             )
-
-        f = _Fields(cfg)
-        n_layers = f.int("num_hidden_layers")
-        layer_types = cfg.get("layer_types") or [
-            SLIDING if (i + 1) % 6 else FULL
-            for i in range(n_layers)  # transformers' default 5:1
-        ]
-        if not isinstance(layer_types, list) or not all(isinstance(t, str) for t in layer_types):
-            raise UserError("config.json: field 'layer_types' must be a list of strings")
-        layer_types = list(layer_types)
-        if layer_types and layer_types[-1] != FULL:  # transformers forces the last layer to full
-            layer_types[-1] = FULL
-        rope_params = cfg.get("rope_parameters") or {
-            SLIDING: {"rope_type": "default", "rope_theta": 10_000.0},
-            FULL: {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1_000_000.0},
-        }
-        if not isinstance(rope_params, dict):
-            raise UserError("config.json: field 'rope_parameters' must be an object")
-        rope: dict[str, RopeSpec] = {}
-        for lt in sorted(set(layer_types)):
-            p = rope_params.get(lt)
-            if not isinstance(p, dict):
-                raise UserError(f"config.json: rope_parameters has no entry for {lt}")
-            rtype = p.get("rope_type", p.get("type", "default"))  # "type": the legacy spelling
-            if rtype not in SUPPORTED_ROPE_TYPES:
-                raise UserError(f"config.json: unsupported rope_type {rtype!r} for {lt}")
-            rf = _Fields(p, f"rope_parameters.{lt}.")
-            rope[lt] = RopeSpec(
-                rtype, rf.float("rope_theta"), rf.float("partial_rotary_factor", 1.0), rf.float("factor", 1.0)
+        if bidirectional not in (None, "vision"):
+            raise UserError(
+                "config.json: field 'use_bidirectional_attention' must be null, 'vision' or 'all', "
+                f"got {_show(bidirectional)}"
             )
+        if not f.bool("tie_word_embeddings", True):
+            raise UserError(
+                "config.json: tie_word_embeddings=false is not supported (Gemma 4 ties the LM head)"
+            )
+        if f.bool("attention_bias", False):
+            raise UserError(
+                "config.json: attention_bias=true is not supported (Gemma 4 projections have no bias)"
+            )
+        if _no_ple(cfg.get("hidden_size_per_layer_input", 256)):
+            raise UserError(_NO_PLE)
+        f.int("max_position_embeddings", None, null=None)  # unused, but a corrupt value is an error
+
+        n_layers = f.int("num_hidden_layers")  # bounded: the default layer_types below is this long
+        layer_types = _layer_types(cfg.get("layer_types"), n_layers)
+        rope = _rope(cfg.get("rope_parameters"), layer_types)
         eos = cfg.get("eos_token_id", 1)
         eos_list = eos if isinstance(eos, list) else ([] if eos is None else [eos])
-        if not all(isinstance(e, int) and not isinstance(e, bool) for e in eos_list):
-            raise UserError("config.json: field 'eos_token_id' must be an integer or a list of integers")
-        full_head_dim, full_kv_heads = _full_layer_overrides(cfg, layer_types)
+        if len(eos_list) > MAX_EOS_TOKENS:
+            raise UserError(f"config.json: field 'eos_token_id' lists more than {MAX_EOS_TOKENS} ids")
+        eos_ids = tuple(_check_int("eos_token_id", e, note=" (or a list of such)") for e in eos_list)
+        k_eq_v = f.bool("attention_k_eq_v", False)
+        full_head_dim, full_kv_heads = _full_layer_overrides(cfg, layer_types, k_eq_v)
+        act = cfg.get("hidden_activation", "gelu_pytorch_tanh")
+        if act not in SUPPORTED_ACTIVATIONS:
+            raise UserError(f"config.json: unsupported hidden_activation {_show(act)}")
         head_dim = f.int("head_dim", 256)
         spec = cls(
             vocab_size=f.int("vocab_size"),
@@ -236,26 +314,22 @@ class Gemma4Spec:
             num_key_value_heads=f.int("num_key_value_heads"),
             head_dim=head_dim,
             global_head_dim=full_head_dim or head_dim,
-            layer_types=tuple(layer_types),
+            layer_types=layer_types,
             sliding_window=f.int("sliding_window", 512),
             vocab_size_per_layer_input=f.int("vocab_size_per_layer_input", 262_144),
-            hidden_size_per_layer_input=f.int("hidden_size_per_layer_input", 256, none_is=0),
-            num_kv_shared_layers=f.int("num_kv_shared_layers", 0, none_is=0),
+            hidden_size_per_layer_input=f.int("hidden_size_per_layer_input", 256),
+            num_kv_shared_layers=f.int("num_kv_shared_layers", 0, null=0),
             num_global_key_value_heads=full_kv_heads,
-            attention_k_eq_v=f.bool("attention_k_eq_v", False),
+            attention_k_eq_v=k_eq_v,
             use_double_wide_mlp=f.bool("use_double_wide_mlp", False),
-            final_logit_softcapping=f.float("final_logit_softcapping", None),
+            final_logit_softcapping=f.float("final_logit_softcapping", None, null=None),
             rms_norm_eps=f.float("rms_norm_eps", 1e-6),
             rope=rope,
-            hidden_activation=str(cfg.get("hidden_activation", "gelu_pytorch_tanh")),
-            pad_token_id=f.int("pad_token_id", 0, none_is=None),
-            bos_token_id=f.int("bos_token_id", 2, none_is=None),
-            eos_token_id=tuple(eos_list),
+            hidden_activation=act,
+            pad_token_id=f.int("pad_token_id", 0, null=None),
+            bos_token_id=f.int("bos_token_id", 2, null=None),
+            eos_token_id=eos_ids,
         )
-        if cfg.get("tie_word_embeddings") is False:
-            raise UserError(
-                "config.json: tie_word_embeddings=false is not supported (Gemma 4 ties the LM head)"
-            )
         spec.validate()
         return spec
 
@@ -328,6 +402,14 @@ class Gemma4Spec:
             raise UserError(f"{path}: not a directory (export takes the checkpoint folder)")
         if not cfg_path.is_file():
             raise UserError(f"{cfg_path}: missing (an HF checkpoint folder needs config.json)")
+        try:
+            size = cfg_path.stat().st_size
+        except OSError as e:
+            raise UserError(f"{cfg_path}: cannot read ({e.strerror or e})") from None
+        if size > MAX_CONFIG_BYTES:
+            raise UserError(
+                f"{cfg_path}: {size} bytes; a config.json is a few KiB (at most {MAX_CONFIG_BYTES} read)"
+            )
         return cls.from_hf_config(read_json_object(cfg_path))
 
     # ---- parameter count -----------------------------------------------------------------------
@@ -338,59 +420,175 @@ class Gemma4Spec:
 
 
 _MISSING: Any = object()
+# Integer fields of Gemma4Spec checked against INT_BOUNDS by `validate`; the layer count first, as
+# later checks loop over layers.
+_SPEC_INTS = (
+    "num_hidden_layers",
+    "vocab_size",
+    "vocab_size_per_layer_input",
+    "hidden_size",
+    "hidden_size_per_layer_input",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "global_head_dim",
+    "sliding_window",
+    "num_kv_shared_layers",
+)
+_NO_PLE = (
+    "checkpoint has no Per-Layer Embeddings (hidden_size_per_layer_input is 0/null): "
+    "ple-export only exports PLE decoders"
+)
 
 
-def _as_int(key: str, value: Any) -> int | None:
-    if value is None:
+def _no_ple(value: Any) -> bool:
+    return value is None or (type(value) in (int, float) and value == 0)
+
+
+def _show(value: Any) -> str:
+    """A value for a one-line message: short, and safe for any JSON value (no repr of containers,
+    which could be deeply nested, nor of integers too long to print)."""
+    if value is None or isinstance(value, bool):
+        return "null" if value is None else str(value).lower()
+    if isinstance(value, int):
+        if abs(value) < 10**15:
+            return str(value)
+        return f"{'-' if value < 0 else ''}~2**{abs(value).bit_length() - 1}"
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, str):
+        text = repr(value)  # escapes newlines and other line breaks: stays one line
+        return text if len(text) <= 40 else text[:36] + "...'"
+    if isinstance(value, list):
+        return f"a list of {len(value)}"
+    if isinstance(value, dict):
+        return f"an object of {len(value)} keys"
+    return f"a {type(value).__name__}"
+
+
+def _bound(name: str, table: dict[str, Range]) -> Range:
+    return table[name.rsplit(".", 1)[-1]]
+
+
+def _check_int(
+    name: str, value: Any, bound: Range | None = None, *, nullable: bool = False, note: str = ""
+) -> Any:
+    """`value` if it is an integer (not a bool, not a float) within `bound` (by default the field's
+    entry in INT_BOUNDS), or null where allowed; else a UserError naming the field and the range."""
+    if value is None and nullable:
         return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise UserError(f"config.json: field {key!r} must be an integer, got {value!r}")
+    bound = bound or _bound(name, INT_BOUNDS)
+    if isinstance(value, bool) or not isinstance(value, int) or not bound.holds(value):
+        null = " or null" if nullable else ""
+        raise UserError(
+            f"config.json: field {name!r} must be an integer in {bound}{note}{null}, got {_show(value)}"
+        )
     return value
 
 
+def _check_float(name: str, value: Any, bound: Range | None = None, *, nullable: bool = False) -> Any:
+    """`value` as a float if it is a finite number within `bound` (compared before any conversion:
+    float(10**400) would overflow), or null where allowed; else a UserError naming the field."""
+    if value is None and nullable:
+        return None
+    bound = bound or _bound(name, FLOAT_BOUNDS)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not bound.holds(value):
+        null = " or null" if nullable else ""
+        raise UserError(f"config.json: field {name!r} must be a number in {bound}{null}, got {_show(value)}")
+    return float(value)
+
+
 class _Fields:
-    """Typed reads of config.json fields; a wrong type is an error naming the field."""
+    """Typed, bounded reads of config.json fields; a wrong type or value is an error naming the field.
+
+    `default` is used when the key is absent; `null` (if given) is what a JSON null means."""
 
     def __init__(self, cfg: dict[str, Any], prefix: str = ""):
         self.cfg, self.prefix = cfg, prefix
 
-    def _get(self, key: str, default: Any, none_is: Any) -> Any:
+    def _get(self, key: str, default: Any, null: Any) -> Any:
         if key not in self.cfg:
             if default is _MISSING:
                 raise UserError(f"config.json: missing required field {self.prefix + key!r}")
             return default
         value = self.cfg[key]
-        if value is None:
-            if none_is is _MISSING:
-                raise UserError(f"config.json: field {self.prefix + key!r} is null")
-            return none_is
-        return value
+        return null if value is None and null is not _MISSING else value
 
-    def int(self, key: str, default: Any = _MISSING, none_is: Any = _MISSING) -> Any:
-        value = self._get(key, default, none_is)
-        if value is None or value is default or value is none_is:
-            return value
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise UserError(f"config.json: field {self.prefix + key!r} must be an integer, got {value!r}")
-        return value
+    def int(self, key: str, default: Any = _MISSING, null: Any = _MISSING) -> Any:
+        value = self._get(key, default, null)
+        return _check_int(self.prefix + key, value, nullable=value is None and null is None)
 
-    def float(self, key: str, default: Any = _MISSING) -> Any:
-        # null means "off" only where the default is None (final_logit_softcapping)
-        value = self._get(key, default, None if default is None else _MISSING)
-        if value is None or value is default:
-            return value
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise UserError(f"config.json: field {self.prefix + key!r} must be a number, got {value!r}")
-        return float(value)
+    def float(self, key: str, default: Any = _MISSING, null: Any = _MISSING) -> Any:
+        value = self._get(key, default, null)
+        return _check_float(self.prefix + key, value, nullable=value is None and null is None)
 
     def bool(self, key: str, default: bool) -> bool:
-        value = self._get(key, default, default)
+        value = self._get(key, default, default)  # null: the default
         if not isinstance(value, bool):
-            raise UserError(f"config.json: field {self.prefix + key!r} must be true or false, got {value!r}")
+            raise UserError(
+                f"config.json: field {self.prefix + key!r} must be true or false, got {_show(value)}"
+            )
         return value
 
 
-def _full_layer_overrides(cfg: dict[str, Any], layer_types: list[str]) -> tuple[int | None, int | None]:
+def _layer_types(raw: Any, n_layers: int) -> tuple[str, ...]:
+    """config.json's layer_types (n_layers is already bounded), with transformers' defaults: 5:1
+    sliding:full when absent, and the last layer forced to full."""
+    if raw is None or (isinstance(raw, list) and not raw):
+        raw = [SLIDING if (i + 1) % 6 else FULL for i in range(n_layers)]  # transformers' default 5:1
+    if not isinstance(raw, list):
+        raise UserError(f"config.json: field 'layer_types' must be a list of strings, got {_show(raw)}")
+    if len(raw) != n_layers:  # before looking at the entries: the list may be huge
+        raise UserError(
+            f"config.json: field 'layer_types' must list {n_layers} layer types (num_hidden_layers), "
+            f"got {_show(raw)}"
+        )
+    for t in raw:
+        if t not in (SLIDING, FULL):
+            raise UserError(
+                f"config.json: unsupported layer type {_show(t)} in layer_types "
+                f"(supported: {SLIDING!r}, {FULL!r})"
+            )
+    types = list(raw)
+    if types[-1] != FULL:  # transformers forces the last layer to full
+        types[-1] = FULL
+    return tuple(types)
+
+
+def _rope(raw: Any, layer_types: tuple[str, ...]) -> dict[str, RopeSpec]:
+    """RoPE of each layer type in use; entries of other (or unknown) keys are not read."""
+    if raw is None or (isinstance(raw, dict) and not raw):
+        return {lt: _ROPE_DEFAULT[lt] for lt in set(layer_types)}
+    if not isinstance(raw, dict):
+        raise UserError(f"config.json: field 'rope_parameters' must be an object, got {_show(raw)}")
+    rope: dict[str, RopeSpec] = {}
+    for lt in sorted(set(layer_types)):
+        p = raw.get(lt)
+        if not isinstance(p, dict):
+            raise UserError(f"config.json: rope_parameters has no entry for {lt}")
+        rtype = p.get("rope_type", p.get("type", "default"))  # "type": the legacy spelling
+        if rtype not in SUPPORTED_ROPE_TYPES:
+            raise UserError(f"config.json: unsupported rope_type {_show(rtype)} for {lt}")
+        rf = _Fields(p, f"rope_parameters.{lt}.")
+        rope[lt] = RopeSpec(
+            rtype, rf.float("rope_theta"), rf.float("partial_rotary_factor", 1.0), rf.float("factor", 1.0)
+        )
+    return rope
+
+
+def _layer_index(key: Any, n_layers: int) -> int | None:
+    """A per_layer_config key as a layer index (JSON keys are strings; a dict may hold ints)."""
+    if isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 4:
+        key = int(key)
+    if isinstance(key, int) and not isinstance(key, bool) and 0 <= key < n_layers:
+        return key
+    return None
+
+
+def _full_layer_overrides(
+    cfg: dict[str, Any], layer_types: tuple[str, ...], k_eq_v: bool
+) -> tuple[int | None, int | None]:
     """(head_dim, KV heads) of full layers, as transformers' Gemma4TextConfig resolves them.
 
     Without `per_layer_config`, full layers get `global_head_dim` (default 512) and, only when
@@ -398,31 +596,43 @@ def _full_layer_overrides(cfg: dict[str, Any], layer_types: list[str]) -> tuple[
     those two keys are ignored and each listed layer takes its overrides; we support overrides of
     head_dim / num_key_value_heads on full layers, the same for all of them."""
     if "per_layer_config" not in cfg:
-        head_dim = _as_int("global_head_dim", cfg.get("global_head_dim", 512))
-        kv_heads = _as_int("num_global_key_value_heads", cfg.get("num_global_key_value_heads"))
-        return head_dim, (kv_heads if cfg.get("attention_k_eq_v") else None)
+        head_dim = _check_int("global_head_dim", cfg.get("global_head_dim", 512), nullable=True)
+        kv_heads = _check_int(
+            "num_global_key_value_heads", cfg.get("num_global_key_value_heads"), nullable=True
+        )
+        return head_dim, (kv_heads if k_eq_v else None)
     per_layer = cfg["per_layer_config"]
     if not isinstance(per_layer, dict):
-        raise UserError("config.json: field 'per_layer_config' must be an object")
-    overrides: list[dict[str, Any]] = []
+        raise UserError(f"config.json: field 'per_layer_config' must be an object, got {_show(per_layer)}")
+    if len(per_layer) > len(layer_types):
+        raise UserError(
+            f"config.json: per_layer_config has {len(per_layer)} entries for {len(layer_types)} layers"
+        )
+    overrides: dict[int, tuple[int | None, int | None]] = {}
     for key, value in per_layer.items():
-        k = str(key)
-        if not k.isdigit() or int(k) >= len(layer_types) or not isinstance(value, dict):
-            raise UserError(f"config.json: per_layer_config entry {key!r} is not a layer index -> object")
-        if layer_types[int(k)] != FULL or set(value) - {"head_dim", "num_key_value_heads"}:
+        i = _layer_index(key, len(layer_types))
+        if i is None or i in overrides or not isinstance(value, dict):
             raise UserError(
-                f"config.json: per_layer_config[{key!r}] overrides {sorted(value)} on a "
-                f"{layer_types[int(k)]} layer; only head_dim/num_key_value_heads of full layers are supported"
+                f"config.json: per_layer_config entry {_show(key)} is not a (distinct) layer index -> object"
             )
-        overrides.append(value)
-    full_layers = sum(t == FULL for t in layer_types)
-    if overrides and (len(overrides) != full_layers or any(o != overrides[0] for o in overrides)):
+        unsupported = [k for k in value if k not in ("head_dim", "num_key_value_heads")]
+        if layer_types[i] != FULL or unsupported:
+            what = ", ".join(_show(k) for k in (unsupported or list(value))[:3])
+            raise UserError(
+                f"config.json: per_layer_config[{_show(key)}] overrides {what} on a "
+                f"{layer_types[i]} layer; only head_dim/num_key_value_heads of full layers are supported"
+            )
+        where = f"per_layer_config[{_show(key)}]."
+        overrides[i] = (
+            _check_int(
+                where + "head_dim", value.get("head_dim"), INT_BOUNDS["global_head_dim"], nullable=True
+            ),
+            _check_int(where + "num_key_value_heads", value.get("num_key_value_heads"), nullable=True),
+        )
+    full_layers = {i for i, t in enumerate(layer_types) if t == FULL}
+    if overrides and (set(overrides) != full_layers or len(set(overrides.values())) > 1):
         raise UserError("config.json: per_layer_config must give every full layer the same overrides")
-    first = overrides[0] if overrides else {}
-    return (
-        _as_int("per_layer_config head_dim", first.get("head_dim")),
-        _as_int("per_layer_config num_key_value_heads", first.get("num_key_value_heads")),
-    )
+    return next(iter(overrides.values())) if overrides else (None, None)
 
 
 _ROPE_DEFAULT = {
