@@ -415,7 +415,8 @@ def main() -> None:
     """Console entry: usage errors become one line too (typer would draw a multi-line box)."""
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     logger = logging.getLogger("ple_export")
-    logger.addHandler(_NoteHandler())
+    if not any(isinstance(h, _NoteHandler) for h in logger.handlers):
+        logger.addHandler(_NoteHandler())
     logger.setLevel(logging.INFO)
     logger.propagate = False
     try:
