@@ -13,7 +13,7 @@ from __future__ import annotations
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,12 +24,16 @@ from exporter import dtypes
 from exporter import manifest as manifest_mod
 from exporter.errors import UserError
 from exporter.gemma4 import rope_buffers
-from exporter.layout import DataFileWriter, bind_external, tensor_nbytes
+from exporter.layout import DataFileWriter
 from exporter.outdir import staged_output
+from exporter.plan_writer import TensorReport, write_initializers
 from exporter.safetensors_io import TensorInfo, iter_row_chunks, open_checkpoint, read_rows
 from exporter.spec import Gemma4Spec
 from exporter.trace import trace_decoder, trace_embedder
 from exporter.weights import map_checkpoint
+from graphs.matmul_nbits import LinearToMatMulNBits
+from graphs.ple_table_quant import PleTableToGatherBlockQuantized
+from graphs.recipe import QuantRecipe
 from graphs.tied_lm_head import TiedLmHeadToGemm
 
 EMBEDDER_FILE = "embedder.onnx"
@@ -50,8 +54,8 @@ CHUNK_BYTES = 64 << 20
 @dataclass(frozen=True)
 class ExportOptions:
     page_size: int = 16 * 1024  # offsets of page-sized tensors align to this (Android 15+/iOS: 16 KiB)
-    ple_dtype: str = "checkpoint"  # checkpoint | bf16 | fp16 | fp32
-    decoder_dtype: str = "fp32"  # the only one so far; quantization passes come later
+    ple_dtype: str = "checkpoint"  # checkpoint | bf16 | fp16 | fp32: a float PLE table's dtype
+    recipe: QuantRecipe = field(default_factory=QuantRecipe)  # int4 decoder + int8 PLE table
     overwrite: bool = False
 
     def validate(self) -> None:
@@ -61,8 +65,7 @@ class ExportOptions:
             raise UserError(
                 f"--ple-dtype must be one of checkpoint, {', '.join(dtypes.TORCH)}; got {self.ple_dtype!r}"
             )
-        if self.decoder_dtype != "fp32":
-            raise UserError(f"--decoder-dtype {self.decoder_dtype!r} is not supported yet (fp32 only)")
+        self.recipe.validate()
 
 
 @dataclass
@@ -126,51 +129,69 @@ def _write_embedder(
     opts: ExportOptions,
     progress: Progress,
     hashes: dict[str, str],
-) -> None:
+    reports: dict[str, TensorReport],
+) -> int | None:
+    """Trace the lookup-only embedder, quantize its table if the recipe says so, and stream the
+    table (alone at offset 0 of its page-aligned file) and its scales. Returns the PLE block size
+    (None: a float table)."""
     progress("tracing", 0, 2)
-    model = trace_embedder(ckpt.spec, dtypes.TORCH[ple_dtype])
+    quantized = opts.recipe.ple != "none"
+    model = trace_embedder(ckpt.spec, dtypes.TORCH["fp32" if quantized else ple_dtype])
     progress("tracing", 1, 2)
-    table = model.graph.initializers["ple_table"]
+    ple_pass = PleTableToGatherBlockQuantized(opts.recipe, ckpt.spec.hidden_size_per_layer_input)
+    ple_pass(model)
     info = ckpt.info("ple_table")
-    nbytes = tensor_nbytes(table)
-    with DataFileWriter(
-        tmp / PLE_TABLE_FILE, opts.page_size, lambda n: progress("ple_table", n, nbytes)
-    ) as w:
-        placement = w.add("ple_table", nbytes, _ple_chunks(info, ple_dtype))
+
+    def float_chunks(name: str) -> Iterator[np.ndarray]:
+        assert name == "ple_table", name
+        return _ple_chunks(info, ple_dtype)
+
+    with DataFileWriter(tmp / PLE_TABLE_FILE, opts.page_size) as w:
+        placements = write_initializers(
+            model, w, PLE_TABLE_FILE, tmp, float_chunks, _source_rows(ckpt), progress, "ple_table", reports
+        )
         hashes[PLE_TABLE_FILE] = w.close()[1]
-    assert placement.offset == 0  # the table starts the file: page-aligned for mmap
-    bind_external(table, PLE_TABLE_FILE, placement, tmp)
+    table = "ple_table.data" if quantized and ple_pass.block_size else "ple_table"
+    assert placements[table].offset == 0  # the table starts the file: page-aligned for mmap
     ir.save(model, tmp / EMBEDDER_FILE)
+    return ple_pass.block_size
+
+
+def _source_rows(ckpt: Checkpoint) -> Callable[[str], Iterator[np.ndarray]]:
+    """float32 row chunks of a checkpoint tensor, by our name (what quantization reads)."""
+    return lambda name: _fp32_chunks(ckpt.info(name))
 
 
 def _write_decoder(
-    ckpt: Checkpoint, tmp: Path, opts: ExportOptions, progress: Progress, hashes: dict[str, str]
-) -> None:
+    ckpt: Checkpoint,
+    tmp: Path,
+    opts: ExportOptions,
+    progress: Progress,
+    hashes: dict[str, str],
+    reports: dict[str, TensorReport],
+) -> LinearToMatMulNBits:
     model = trace_decoder(ckpt.spec)
     progress("tracing", 1, 2)
-    TiedLmHeadToGemm()(model)
+    quant = LinearToMatMulNBits(opts.recipe)
+    quant(model)
+    opts.recipe.check_keep(list(quant.quantized) + list(quant.kept))
+    TiedLmHeadToGemm()(model)  # a float tied head (--quant none, or kept) reads the embedding as stored
     computed = {k: v.numpy() for k, v in rope_buffers(ckpt.spec).items()}
-    inits = list(model.graph.initializers.values())
-    total = sum(tensor_nbytes(v) for v in inits)
-    with DataFileWriter(
-        tmp / DECODER_DATA_FILE, opts.page_size, lambda n: progress("decoder", n, total)
-    ) as w:
-        for value in inits:
-            name = value.name
-            assert name is not None
-            if name in computed:
-                chunks: Iterator[np.ndarray] = iter([computed[name].astype(np.float32)])
-            elif name in ckpt.mapping:
-                info = ckpt.info(name)
-                if value.shape is None or tuple(info.shape) != value.shape.numpy():  # a bug, not bad input
-                    raise RuntimeError(f"{name}: checkpoint shape {info.shape} != graph shape {value.shape}")
-                chunks = _fp32_chunks(info)
-            else:  # a parameter of ours with no source: a bug, not bad input
-                raise RuntimeError(f"decoder initializer {name} has no source tensor")
-            placement = w.add(name, tensor_nbytes(value), chunks)
-            bind_external(value, DECODER_DATA_FILE, placement, tmp)
+
+    def float_chunks(name: str) -> Iterator[np.ndarray]:
+        if name in computed:
+            return iter([computed[name].astype(np.float32)])
+        if name in ckpt.mapping:
+            return _fp32_chunks(ckpt.info(name))
+        raise RuntimeError(f"decoder initializer {name} has no source tensor")  # a bug, not bad input
+
+    with DataFileWriter(tmp / DECODER_DATA_FILE, opts.page_size) as w:
+        write_initializers(
+            model, w, DECODER_DATA_FILE, tmp, float_chunks, _source_rows(ckpt), progress, "decoder", reports
+        )
         hashes[DECODER_DATA_FILE] = w.close()[1]
     ir.save(model, tmp / DECODER_FILE)
+    return quant
 
 
 def export_bundle(
@@ -193,13 +214,17 @@ def export_bundle(
         out_dir, opts.overwrite, manifest_mod.is_earlier_bundle, "a ple-export bundle", inputs=[checkpoint]
     ) as tmp:
         hashes: dict[str, str] = {}  # data files, hashed while written
-        _write_embedder(ckpt, tmp, ple_dtype, opts, report, hashes)
-        _write_decoder(ckpt, tmp, opts, report, hashes)
+        reports: dict[str, TensorReport] = {}
+        ple_block = _write_embedder(ckpt, tmp, ple_dtype, opts, report, hashes, reports)
+        quant = _write_decoder(ckpt, tmp, opts, report, hashes, reports)
         for name in COPIED_FILES:
             if (checkpoint / name).is_file():
                 shutil.copyfile(checkpoint / name, tmp / name)
-        options = asdict(opts) | {"ple_dtype": ple_dtype}
+        options = asdict(opts) | {"ple_dtype": ple_dtype, "recipe": opts.recipe.to_dict()}
         del options["overwrite"]  # how the folder was replaced is not a property of the bundle
-        manifest = manifest_mod.build(tmp, ckpt, ple_dtype, options, hashes)
+        quantization = manifest_mod.quantization_section(
+            opts.recipe, reports, quant.kept, ple_block, ckpt.spec.ple_dim
+        )
+        manifest = manifest_mod.build(tmp, ckpt, ple_dtype, options, hashes, quantization)
         manifest_mod.write(tmp, manifest)  # last: a folder without manifest.json is not a bundle
     return ExportResult(out_dir.absolute(), manifest, time.perf_counter() - t0)

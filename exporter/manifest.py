@@ -22,6 +22,8 @@ from exporter.spec import Gemma4Spec
 
 if TYPE_CHECKING:
     from exporter.export import Checkpoint
+    from exporter.plan_writer import TensorReport
+    from graphs.recipe import QuantRecipe
 
 OPSET = 18
 IR_VERSION = 10  # onnx 1.23 writes 14 by default; onnxruntime 1.31 loads at most 13
@@ -108,7 +110,7 @@ def row_pages(row_bytes: int, page: int) -> dict[str, float]:
     return {"min": min(counts), "mean": round(sum(counts) / period, 4), "max": max(counts)}
 
 
-def _versions() -> dict[str, str]:
+def versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for pkg in (
         "ple-export",
@@ -127,18 +129,9 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def build(
-    bundle: Path,
-    ckpt: Checkpoint,
-    ple_dtype: str,
-    options: dict[str, Any],
-    hashes: dict[str, str] | None = None,
-) -> dict[str, Any]:
-    from exporter import dtypes  # torch: needed to write a manifest, not to read one (runtimes)
-    from exporter.gemma4 import PLEEmbedder
-
+def files_section(bundle: Path, hashes: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """Every file of the finished bundle folder but the manifest: bytes, sha256, placement, role."""
     hashes = hashes or {}
-    spec = ckpt.spec
     files = []
     for path in sorted(
         p for p in bundle.iterdir() if p.is_file() and p.name not in (MANIFEST_FILE, OWNER_FILE)
@@ -153,9 +146,64 @@ def build(
                 "role": role,
             }
         )
-    table = ckpt.info("ple_table")
-    row_bytes = spec.ple_dim * dtypes.ITEMSIZE[ple_dtype]
-    page = int(options["page_size"])
+    return files
+
+
+def ple_section(
+    rows: int, float_row_bytes: int, float_dtype: str, page: int, quantization: dict[str, Any], scale: float
+) -> dict[str, Any]:
+    """Where the PLE table is and what a token reads of it: its codes row plus, when quantized, its
+    row of scales (a separate page-aligned tensor in the same file)."""
+    ple_quant = quantization.get("ple")
+    if ple_quant:
+        row_bytes, dtype, scale_row = (
+            ple_quant["row_bytes"],
+            ple_quant["precision"],
+            ple_quant["scales_row_bytes"],
+        )
+        pages, scale_pages = row_pages(row_bytes, page), row_pages(scale_row, page)
+        pages = {k: round(pages[k] + scale_pages[k], 4) for k in pages}
+    else:
+        row_bytes, dtype, scale_row = float_row_bytes, float_dtype, 0
+        pages = row_pages(row_bytes, page)
+    return {
+        "file": "ple_table.data",
+        "offset": 0,
+        "dtype": dtype,
+        "rows": rows,
+        "row_bytes": row_bytes,
+        "scales_row_bytes": scale_row,
+        "bytes_per_token": row_bytes + scale_row,
+        "page_size": page,
+        "pages_per_token": pages,
+        "scale": scale,
+        "out_of_range_ids": "read row 0",
+    }
+
+
+def build(
+    bundle: Path,
+    ckpt: Checkpoint,
+    ple_dtype: str,
+    options: dict[str, Any],
+    hashes: dict[str, str] | None = None,
+    quantization: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    from exporter import dtypes  # torch: needed to write a manifest, not to read one (runtimes)
+    from exporter.gemma4 import PLEEmbedder
+
+    quantization = quantization or {}
+    spec = ckpt.spec
+    traced = "fp32" if quantization.get("ple") else ple_dtype  # the embedder's float dtype
+    scale = PLEEmbedder.scale_for(spec.hidden_size_per_layer_input, dtypes.TORCH[traced])
+    ple = ple_section(
+        int(ckpt.info("ple_table").shape[0]),
+        spec.ple_dim * dtypes.ITEMSIZE[ple_dtype],
+        dtypes.ONNX_NAME[ple_dtype],
+        int(options["page_size"]),
+        quantization,
+        scale,
+    )
     source_dtypes = sorted({ckpt.tensors[n].dtype for n in ckpt.mapping.values()})
     return {
         "format": FORMAT,
@@ -166,20 +214,11 @@ def build(
             "num_parameters": spec.num_parameters(),
             "source": {"dtypes": source_dtypes, "num_tensors": len(ckpt.mapping)},
         },
-        "files": files,
+        "files": files_section(bundle, hashes),
         "graphs": graph_io(spec),
         "onnx": {"ir_version": IR_VERSION, "opset": OPSET},
-        "ple": {
-            "file": "ple_table.data",
-            "offset": 0,
-            "dtype": dtypes.ONNX_NAME[ple_dtype],
-            "rows": int(table.shape[0]),
-            "row_bytes": row_bytes,
-            "page_size": page,
-            "pages_per_token": row_pages(row_bytes, page),
-            "scale": PLEEmbedder.scale_for(spec.hidden_size_per_layer_input, dtypes.TORCH[ple_dtype]),
-            "out_of_range_ids": "read row 0",
-        },
+        "ple": ple,
+        "quantization": quantization,
         "kv_cache": kv_cache(spec),
         "positions": "position_ids are the absolute 0-based positions of the new tokens (past length + i)",
         "generation": {
@@ -190,8 +229,37 @@ def build(
             "final_logit_softcapping": spec.final_logit_softcapping,
         },
         "export_options": options,
-        "versions": _versions(),
+        "versions": versions(),
     }
+
+
+def quantization_section(
+    recipe: QuantRecipe,
+    reports: dict[str, TensorReport],
+    kept: dict[str, str],
+    ple_block: int | None,
+    ple_row: int,
+) -> dict[str, Any]:
+    """The recipe, each source tensor's precision and weight error, and the PLE table's format."""
+    from graphs.recipe import bits_of
+
+    tensors = {name: r.to_dict() for name, r in sorted(reports.items())}
+    for name, why in kept.items():
+        tensors.setdefault(name, {})["kept_float_because"] = why
+    section: dict[str, Any] = {"recipe": recipe.to_dict(), "tensors": tensors}
+    if ple_block is not None:
+        bits = bits_of(recipe.ple)
+        row = ple_row
+        section["ple"] = {
+            "precision": recipe.ple,
+            "bits": bits,
+            "block_size": ple_block,
+            "row_bytes": row * bits // 8,
+            "scales_dtype": recipe.scales_dtype,
+            "scales_row_bytes": (row // ple_block) * (2 if recipe.scales_dtype == "float16" else 4),
+            "op": "com.microsoft.GatherBlockQuantized",
+        }
+    return section
 
 
 def write(bundle: Path, manifest: dict[str, Any]) -> None:
@@ -241,6 +309,12 @@ def load(bundle: Path) -> dict[str, Any]:
                     _typed(io, "layer", "int", path, f"graphs.{graph}.{side}[{i}].")
     for i, layer in enumerate(manifest["kv_cache"]["layers"]):
         _typed(layer, "layer", "int", path, f"kv_cache.layers[{i}].")
+    quant = manifest.get("quantization")
+    if quant:  # optional (bundles of format 1 before quantization have none)
+        for key, kind in {"recipe": "dict", "tensors": "dict"}.items():
+            _typed(manifest, f"quantization.{key}", kind, path)
+        if not all(isinstance(t, dict) for t in quant["tensors"].values()):
+            raise UserError(f"{path}: malformed manifest, quantization.tensors entries must be objects")
     if not all(_is_int(t) for t in manifest["generation"]["eos_token_ids"]):
         raise UserError(f"{path}: generation.eos_token_ids must be a list of integers")
     return manifest

@@ -134,6 +134,43 @@ JsonFlag = Annotated[bool, typer.Option("--json", help="Print a machine-readable
 QuietFlag = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 
 
+QuantFlag = Annotated[str, typer.Option(help="Decoder Linear weights: int4 | int8 | none (fp32)")]
+BlockFlag = Annotated[int, typer.Option(help="Quantization block along K: 16..256, a power of two")]
+SymmetricFlag = Annotated[bool, typer.Option("--symmetric/--asymmetric", help="Without or with zero points")]
+AccuracyFlag = Annotated[
+    int, typer.Option(help="MatMulNBits compute type: 0 (fp32), 1, 4 (int8 compute: fastest on CPU)")
+]
+PleQuantFlag = Annotated[str, typer.Option(help="PLE table: int8 | int4 | none (float, see --ple-dtype)")]
+PleBlockFlag = Annotated[
+    int | None, typer.Option(help="PLE quantization block (default: the PLE width for int8, 32 for int4)")
+]
+KeepFlag = Annotated[
+    str | None, typer.Option(help="Tensors kept in fp32, e.g. fp32:ple_gate,ple_proj (names or globs)")
+]
+
+
+def _recipe(
+    quant: str,
+    block_size: int,
+    symmetric: bool,
+    accuracy_level: int,
+    ple_quant: str,
+    ple_block_size: int | None,
+    keep: str | None,
+) -> Any:
+    from graphs.recipe import QuantRecipe, parse_keep
+
+    return QuantRecipe(
+        weights=quant,
+        block_size=block_size,
+        symmetric=symmetric,
+        accuracy_level=accuracy_level,
+        ple=ple_quant,
+        ple_block_size=ple_block_size,
+        keep=parse_keep(keep),
+    )
+
+
 @app.command()
 def synth(
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the checkpoint.")],
@@ -178,7 +215,16 @@ def export(
     page_size: Annotated[
         str, typer.Option(help="Alignment of the PLE table and large tensors: 16KiB, 4096, ...")
     ] = "16KiB",
-    ple_dtype: Annotated[str, typer.Option(help="checkpoint | bf16 | fp16 | fp32")] = "checkpoint",
+    ple_dtype: Annotated[
+        str, typer.Option(help="A float PLE table's dtype: checkpoint | bf16 | fp16 | fp32")
+    ] = ("checkpoint"),
+    quant: QuantFlag = "int4",
+    block_size: BlockFlag = 32,
+    symmetric: SymmetricFlag = True,
+    accuracy_level: AccuracyFlag = 4,
+    ple_quant: PleQuantFlag = "int8",
+    ple_block_size: PleBlockFlag = None,
+    keep: KeepFlag = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output folder.")] = False,
     as_json: JsonFlag = False,
     quiet: QuietFlag = False,
@@ -187,13 +233,43 @@ def export(
     with _user_errors():
         from exporter.export import ExportOptions, export_bundle
 
+        recipe = _recipe(quant, block_size, symmetric, accuracy_level, ple_quant, ple_block_size, keep)
         opts = ExportOptions(
-            page_size=_parse_size(page_size, "--page-size"), ple_dtype=ple_dtype, overwrite=overwrite
+            page_size=_parse_size(page_size, "--page-size"),
+            ple_dtype=ple_dtype,
+            recipe=recipe,
+            overwrite=overwrite,
         )
         with _progress(not quiet and not as_json) as progress:
             result = export_bundle(checkpoint, output, opts, progress)
         summary = _bundle_summary(result.out_dir, result.manifest) | {"seconds": round(result.seconds, 2)}
         _emit(summary, as_json, lambda: _print_summary(summary, f"exported in {result.seconds:.1f} s"))
+
+
+@app.command()
+def quantize(
+    bundle: Annotated[Path, typer.Argument(help="An fp32 bundle (export --quant none --ple-quant none).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Bundle folder to create.")],
+    quant: QuantFlag = "int4",
+    block_size: BlockFlag = 32,
+    symmetric: SymmetricFlag = True,
+    accuracy_level: AccuracyFlag = 4,
+    ple_quant: PleQuantFlag = "int8",
+    ple_block_size: PleBlockFlag = None,
+    keep: KeepFlag = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output folder.")] = False,
+    as_json: JsonFlag = False,
+    quiet: QuietFlag = False,
+) -> None:
+    """Re-quantize an fp32 bundle into a new one, streamed (weights never whole in memory)."""
+    with _user_errors():
+        from exporter.quantize import quantize_bundle
+
+        recipe = _recipe(quant, block_size, symmetric, accuracy_level, ple_quant, ple_block_size, keep)
+        with _progress(not quiet and not as_json) as progress:
+            result = quantize_bundle(bundle, output, recipe, overwrite, progress)
+        summary = _bundle_summary(result.out_dir, result.manifest) | {"seconds": round(result.seconds, 2)}
+        _emit(summary, as_json, lambda: _print_summary(summary, f"quantized in {result.seconds:.1f} s"))
 
 
 @app.command()
@@ -362,7 +438,28 @@ def _bundle_summary(bundle: Path, manifest: dict[str, Any]) -> dict[str, Any]:
             "pages_per_token": ple["pages_per_token"],
         },
         "files": [{k: f[k] for k in ("path", "bytes", "placement", "role")} for f in files],
+        "quantization": _quant_summary(manifest.get("quantization")),
     }
+
+
+def _quant_summary(section: Any) -> dict[str, Any]:
+    """Tensors by precision with their mean weight error, and the recipe (as the manifest says:
+    `manifest.load` checked the types)."""
+    if not section:
+        return {"recipe": None, "by_precision": {}}
+    by: dict[str, dict[str, Any]] = {}
+    for name, t in section["tensors"].items():
+        key = str(t.get("precision", "?"))
+        entry = by.setdefault(key, {"tensors": 0, "errors": [], "kept": []})
+        entry["tensors"] += 1
+        if isinstance(t.get("rel_weight_error"), int | float):
+            entry["errors"].append(float(t["rel_weight_error"]))
+        if "kept_float_because" in t:
+            entry["kept"].append(name)
+    for entry in by.values():
+        errors = entry.pop("errors")
+        entry["mean_rel_weight_error"] = round(sum(errors) / len(errors), 6) if errors else None
+    return {"recipe": section["recipe"], "by_precision": by, "tensors": section["tensors"]}
 
 
 def _print_summary(summary: dict[str, Any], headline: str | None) -> None:
@@ -390,6 +487,22 @@ def _print_summary(summary: dict[str, Any], headline: str | None) -> None:
         f"PLE table: {ple['rows']:,} rows x {ple['row_bytes']:,} B ({literal(ple['dtype'])}); a token reads "
         f"{pages['min']}-{pages['max']} (mean {pages['mean']}) page(s) of {ple['page_size'] // 1024} KiB"
     )
+    q = summary["quantization"]
+    if q["recipe"]:
+        r = q["recipe"]
+        out.print(
+            f"recipe: weights {literal(r.get('weights'))} (block {literal(r.get('block_size'))}, "
+            f"{'symmetric' if r.get('symmetric') else 'asymmetric'}, accuracy level "
+            f"{literal(r.get('accuracy_level'))}), PLE table {literal(r.get('ple'))}"
+        )
+        for precision, e in sorted(q["by_precision"].items()):
+            err = e["mean_rel_weight_error"]
+            kept = f"; kept: {literal(', '.join(e['kept'][:4]))}" if e["kept"] else ""
+            out.print(
+                f"  {literal(precision):>5}: {e['tensors']} tensors"
+                + (f", mean relative weight error {err:.4f}" if err is not None else "")
+                + kept
+            )
     if "verify" in summary:
         v = summary["verify"]
         out.print(

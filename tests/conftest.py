@@ -56,7 +56,9 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def bundles(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from exporter.export import export_bundle
+    from exporter.export import ExportOptions, export_bundle
+    from graphs.recipe import QuantRecipe
 
     root = tmp_path_factory.mktemp("bundles")
-    return {name: export_bundle(ckpt, root / name).out_dir for name, ckpt in checkpoints.items()}
+    fp32 = ExportOptions(recipe=QuantRecipe.none())  # the reference bundles: parity is strict in fp32
+    return {name: export_bundle(ckpt, root / name, fp32).out_dir for name, ckpt in checkpoints.items()}

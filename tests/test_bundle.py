@@ -15,6 +15,7 @@ import pytest
 
 from exporter.export import ExportOptions, export_bundle
 from exporter.synth import synth_checkpoint
+from graphs.recipe import QuantRecipe
 from tests.conftest import ROOT, VARIANTS
 
 
@@ -117,9 +118,10 @@ def _export_in_subprocess(ckpt: Path, out: Path, hash_seed: str) -> Path:
 def test_same_input_same_bytes(
     checkpoints: dict[str, Path], bundles: dict[str, Path], tmp_path: Path
 ) -> None:
-    """Exports in other processes write the very same bytes. Hash seeds 0 and 1 iterate a set of the
-    two layer-type names in opposite orders, so nothing may depend on set order."""
-    first = bundles["tiny"]
+    """Exports in other processes write the very same bytes, quantized (the default) as in fp32. Hash
+    seeds 0 and 1 iterate a set of the two layer-type names in opposite orders, so nothing may
+    depend on set order."""
+    first = export_bundle(checkpoints["tiny"], tmp_path / "in_process").out_dir
     names = sorted(p.name for p in first.iterdir())
     for seed in ("0", "1"):
         again = _export_in_subprocess(checkpoints["tiny"], tmp_path / f"seed{seed}", seed)
@@ -130,7 +132,9 @@ def test_same_input_same_bytes(
 
 def test_ple_dtype_option_converts_the_table(checkpoints: dict[str, Path], tmp_path: Path) -> None:
     out = export_bundle(
-        checkpoints["tiny"], tmp_path / "fp32", ExportOptions(ple_dtype="fp32", page_size=4096)
+        checkpoints["tiny"],
+        tmp_path / "fp32",
+        ExportOptions(ple_dtype="fp32", page_size=4096, recipe=QuantRecipe.none()),
     )
     table = _load_proto(out.out_dir / "embedder.onnx").graph.initializer[0]
     assert table.data_type == onnx.TensorProto.FLOAT
@@ -158,12 +162,16 @@ _RSS_PROBE = textwrap.dedent("""
 """)
 
 
-def test_onnxruntime_maps_the_ple_table_instead_of_copying_it(tmp_path: Path) -> None:
+@pytest.mark.parametrize("ple", ["none", "int8", "int4"])
+def test_onnxruntime_maps_the_ple_table_instead_of_copying_it(ple: str, tmp_path: Path) -> None:
+    """bf16 Gather, and GatherBlockQuantized over uint8 codes: onnxruntime reads the table in place."""
     # a 192 MiB bf16 table (65536 rows x 6 layers x 256); the decoder stays tiny
     spec = VARIANTS["tiny"].replace(vocab_size_per_layer_input=65536, hidden_size_per_layer_input=256)
-    bundle = export_bundle(synth_checkpoint(spec, tmp_path / "ckpt"), tmp_path / "bundle").out_dir
+    opts = ExportOptions(recipe=QuantRecipe(weights="none", ple=ple))
+    bundle = export_bundle(synth_checkpoint(spec, tmp_path / "ckpt"), tmp_path / "bundle", opts).out_dir
     table_bytes = (bundle / "ple_table.data").stat().st_size
-    assert table_bytes == 65536 * 6 * 256 * 2
+    codes = 65536 * 6 * 256 * {"none": 2, "int8": 1, "int4": 0.5}[ple]
+    assert codes <= table_bytes <= codes * 1.1
     probe = subprocess.run(
         [sys.executable, "-c", _RSS_PROBE, str(bundle / "embedder.onnx"), "65536"],
         capture_output=True,
@@ -198,7 +206,7 @@ def test_fp16_and_fp32_checkpoints_export_and_match_the_reference(dtype: str, tm
 
     spec = VARIANTS["tiny"]
     ckpt = synth_checkpoint(spec, tmp_path / "ckpt", dtype=dtype)
-    bundle = export_bundle(ckpt, tmp_path / "bundle").out_dir
+    bundle = export_bundle(ckpt, tmp_path / "bundle", ExportOptions(recipe=QuantRecipe.none())).out_dir
     table = _load_proto(bundle / "embedder.onnx").graph.initializer[0]
     assert table.data_type == {"fp16": onnx.TensorProto.FLOAT16, "fp32": onnx.TensorProto.FLOAT}[dtype]
     prompt = torch.randint(0, spec.vocab_size, (1, 12), generator=torch.Generator().manual_seed(3))

@@ -1,0 +1,70 @@
+"""The PLE table's lookup -> `com.microsoft.GatherBlockQuantized` over an int8 or int4 table.
+
+    ids --Gather(ple_table [V, L*P] bf16)-->        ids --GatherBlockQuantized(bits, block_size)-->
+                                              =>        ple_table.data [V, L*P*bits/8] uint8,
+                                                        ple_table.scales [V, L*P/block]
+
+onnxruntime reads a uint8 GatherBlockQuantized table in place from its memory map (no prepack, no
+heap copy: measured in tests/graphs/test_ple_table_quant.py), so the table stays in flash. With the
+default block (int8: the PLE width, one scale per layer slice of a row) a token reads its row's
+codes plus one small row of scales. The output takes the scales' type (float32 or float16).
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+from onnx_ir.passes import InPlacePass, PassResult
+
+from graphs.matmul_nbits import MS_DOMAIN, _replace
+from graphs.recipe import QuantRecipe, bits_of
+from graphs.weight_plan import quantized_inputs
+
+TABLE = "ple_table"
+
+
+class PleTableToGatherBlockQuantized(InPlacePass):
+    def __init__(self, recipe: QuantRecipe, ple_dim: int):
+        super().__init__()
+        self.recipe = recipe
+        self.ple_dim = ple_dim
+        self.block_size: int | None = None
+
+    def call(self, model: ir.Model) -> PassResult:
+        if self.recipe.ple == "none":
+            return PassResult(model, False)
+        graph = model.graph
+        table = graph.initializers[TABLE]
+        assert table.shape is not None
+        row = int(table.shape.numpy()[1])
+        block = self.recipe.ple_block_for(self.ple_dim, row)
+        if block is None:
+            return PassResult(model, False)
+        bits = bits_of(self.recipe.ple)
+        data, scales, zp = quantized_inputs(
+            graph,
+            table,
+            bits,
+            block,
+            self.recipe.symmetric,
+            "gather_block_quantized",
+            TABLE,
+            self.recipe.scales_dtype,
+        )
+        for use in list(table.uses()):
+            gather = use.node
+            assert gather.op_type == "Gather" and use.idx == 0, f"unexpected use of the PLE table: {gather}"
+            node = ir.node(
+                "GatherBlockQuantized",
+                [data, gather.inputs[1], scales] + ([zp] if zp is not None else []),
+                attributes={"bits": bits, "block_size": block, "gather_axis": 0, "quantize_axis": 1},
+                domain=MS_DOMAIN,
+                name=f"{TABLE}/GatherBlockQuantized",
+                outputs=[ir.Value(name=f"{gather.outputs[0].name}.gbq")],
+            )
+            _replace(graph, gather, node)
+            # the lookup's output now has the scales' element type
+            node.outputs[0].type = scales.type if scales is not None else None
+        graph.initializers.pop(TABLE)
+        model.opset_imports.setdefault(MS_DOMAIN, 1)
+        self.block_size = block
+        return PassResult(model, True)
