@@ -83,7 +83,9 @@ def write_initializers(
             progress(stage, len(chunk) if isinstance(chunk, bytes) else chunk.nbytes, total)
             yield chunk
 
-    def place(value: ir.Value, chunks: Iterator[np.ndarray | bytes], key: tuple[object, ...] | None = None) -> None:
+    def place(
+        value: ir.Value, chunks: Iterator[np.ndarray | bytes], key: tuple[object, ...] | None = None
+    ) -> None:
         assert value.name is not None
         if key is not None and key in by_key:
             placement = by_key[key]
