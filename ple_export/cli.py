@@ -273,6 +273,155 @@ def quantize(
 
 
 @app.command()
+def verify(
+    bundle: Annotated[Path, typer.Argument(help="Bundle folder.")],
+    reference: Annotated[Path, typer.Option(help="The checkpoint the bundle was exported from.")],
+    prompts: Annotated[int, typer.Option(help="How many prompts.")] = 3,
+    prompt_len: Annotated[int | None, typer.Option(help="Prompt tokens (default: window + 8).")] = None,
+    steps: Annotated[int, typer.Option(help="Prefill + greedy decode steps compared per prompt.")] = 8,
+    oracle: Annotated[str, typer.Option(help="ours (PyTorch re-authoring) | transformers")] = "ours",
+    seed: Annotated[int, typer.Option(help="Seed of the token-id prompts (no tokenizer).")] = 0,
+    max_rel_error: Annotated[
+        float | None, typer.Option(help="Override: max |logit error| / max |logit|.")
+    ] = None,
+    min_cosine: Annotated[float | None, typer.Option(help="Override: minimum logit cosine.")] = None,
+    min_top1: Annotated[float | None, typer.Option(help="Override: minimum top-1 agreement.")] = None,
+    max_mean_kl: Annotated[float | None, typer.Option(help="Override: maximum mean KL (nats).")] = None,
+    no_check: Annotated[bool, typer.Option("--no-check", help="Skip the sha256 check of the files.")] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Parity of a bundle (onnxruntime) against the PyTorch reference: exit 0 pass, 3 parity failure."""
+    with _user_errors():
+        from runtime_harness.verify import EXIT_PARITY_FAILED, VerifyOptions, run_verify
+
+        opts = VerifyOptions(
+            reference=reference,
+            prompts=prompts,
+            prompt_len=prompt_len,
+            steps=steps,
+            seed=seed,
+            oracle=oracle,
+            check=not no_check,
+            overrides={
+                "max_rel_error": max_rel_error,
+                "min_cosine": min_cosine,
+                "min_top1": min_top1,
+                "max_mean_kl": max_mean_kl,
+            },
+        )
+        report = run_verify(bundle, opts)
+        if as_json:
+            sys.stdout.write(json.dumps(report, indent=2) + "\n")
+        _print_verify(report)
+        if not report["passed"]:
+            raise typer.Exit(EXIT_PARITY_FAILED)
+
+
+def _print_verify(report: dict[str, Any]) -> None:
+    s, t = report["summary"], report["thresholds"]
+    table = Table(title=None, show_edge=False)
+    for col in ("metric", "measured", "threshold"):
+        table.add_column(col)
+    rows = [
+        ("max relative logit error", f"{s['max_rel_error']:.3g}", f"<= {t['max_rel_error']:g}"),
+        ("min cosine", f"{s['min_cosine']:.6f}", f">= {t['min_cosine']:g}"),
+        ("top-1 agreement (unambiguous)", f"{s['top1_agreement_unambiguous']:.3f}", f">= {t['min_top1']:g}"),
+        ("top-1 agreement (all)", f"{s['top1_agreement']:.3f}", ""),
+        ("mean KL (nats)", f"{s['mean_kl']:.3g}", f"<= {t['max_mean_kl']:g}"),
+        ("mean top-k overlap", f"{s['mean_topk_overlap']:.3f}", f">= {t['min_topk_overlap']:g}"),
+        ("near-tie steps", f"{s['ambiguous_steps']}/{s['steps']}", f"margin < {t['near_tie']:g}"),
+    ]
+    for row in rows:
+        table.add_row(*row)
+    err.print(
+        f"verify {literal(report['bundle'])} ({report['precision']}) against {report['oracle']} "
+        f"reference, {report['prompts']} prompts:",
+        highlight=False,
+    )
+    err.print(table)
+    if report["passed"]:
+        err.print("[green]parity holds[/]")
+    else:
+        err.print(f"[bold red]parity failed:[/] {literal('; '.join(report['failures']))}", soft_wrap=True)
+
+
+@app.command()
+def generate(
+    bundle: Annotated[Path, typer.Argument(help="Bundle folder.")],
+    prompt: Annotated[str | None, typer.Option(help="Text (through the bundle's tokenizer).")] = None,
+    prompt_ids: Annotated[str | None, typer.Option(help="Token ids, comma-separated (no tokenizer).")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Stop after this many new tokens.")] = 64,
+    temperature: Annotated[float, typer.Option(help="0: greedy.")] = 0.0,
+    top_k: Annotated[int, typer.Option(help="Sample among the k likeliest (0: all).")] = 0,
+    top_p: Annotated[float, typer.Option(help="Sample within this probability mass.")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    threads: Annotated[int, typer.Option(help="Decoder threads (0: onnxruntime's default).")] = 0,
+    no_check: Annotated[bool, typer.Option("--no-check", help="Skip the sha256 check of the files.")] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Generate from a prompt with onnxruntime only; text streams to stdout, tok/s to stderr."""
+    with _user_errors():
+        from runtime_harness.generate import bundle_tokenizer
+        from runtime_harness.generate import generate as run_generate
+        from runtime_harness.sampling import Sampler
+        from runtime_harness.session import BundleSession
+
+        if (prompt is None) == (prompt_ids is None):
+            raise UserError("give exactly one of --prompt (text) or --prompt-ids (token ids)")
+        sampler = Sampler(temperature, top_k, top_p, seed)
+        sampler.validate()
+        session = BundleSession(bundle, threads=threads, check=not no_check, allow_spinning=False)
+        tok = bundle_tokenizer(session)
+        if prompt is not None:
+            if tok is None:
+                raise UserError(f"{bundle}: has no tokenizer.json; give --prompt-ids instead")
+            ids = tok.encode(prompt)
+        else:
+            try:
+                ids = [int(t) for t in str(prompt_ids).replace(" ", "").split(",") if t]
+            except ValueError:
+                raise UserError(
+                    f"--prompt-ids: not a comma-separated list of integers: {prompt_ids!r}"
+                ) from None
+        shown: list[str] = [""]
+        new: list[int] = []
+
+        def on_token(token: int) -> None:
+            new.append(token)
+            if as_json:
+                return
+            if tok is None:
+                sys.stdout.write(f"{token} ")
+            else:
+                text = tok.decode(new)
+                if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                    sys.stdout.write(text[len(shown[0]) :])
+                    shown[0] = text
+            sys.stdout.flush()
+
+        if not as_json and tok is not None:
+            sys.stdout.write(prompt or "")
+        result = run_generate(session, ids, max_new_tokens, sampler, on_token)
+        payload = {
+            "prompt_ids": ids,
+            "tokens": result.tokens,
+            "text": tok.decode(result.tokens) if tok is not None else None,
+            "stopped_by": result.stopped_by,
+            "prefill_seconds": round(result.prefill_seconds, 5),
+            "decode_tokens_per_second": round(result.decode_tokens_per_second, 2),
+        }
+        if as_json:
+            sys.stdout.write(json.dumps(payload, indent=2) + "\n")
+        else:
+            sys.stdout.write("\n")
+            err.print(
+                f"{len(result.tokens)} tokens ({result.stopped_by}); prefill {len(ids)} tokens in "
+                f"{result.prefill_seconds * 1e3:.1f} ms, decode {result.decode_tokens_per_second:.1f} tok/s",
+                highlight=False,
+            )
+
+
+@app.command()
 def inspect(
     bundle: Annotated[Path, typer.Argument(help="Bundle folder.")],
     verify: Annotated[bool, typer.Option(help="Also check every file's size and sha256.")] = False,

@@ -39,11 +39,21 @@ class Generation:
 
 class BundleSession:
     def __init__(
-        self, bundle: Path, threads: int = 0, graph_optimization: str = "all", check: bool = True
+        self,
+        bundle: Path,
+        threads: int = 0,
+        graph_optimization: str = "all",
+        check: bool = True,
+        allow_spinning: bool = True,
+        embedder_threads: int | None = None,
     ):
         """Open a bundle from its manifest. Before any onnxruntime session exists, every file is
         checked to be inside the bundle (no symlink, hard link or external-data reference out of it)
-        and, unless `check=False`, of the manifest's size and sha256."""
+        and, unless `check=False`, of the manifest's size and sha256.
+
+        `threads`: the decoder's intra-op threads (0: onnxruntime's default). `allow_spinning=False`
+        stops idle pool threads spinning after each call (they burn a core otherwise: what a phone
+        wants). `embedder_threads`: the lookup's threads (default: as the decoder)."""
         self.bundle = Path(bundle)
         self.manifest = manifest_mod.load(self.bundle)
         trusted_bundle(self.bundle, self.manifest, verify_hashes=check)
@@ -53,16 +63,30 @@ class BundleSession:
             "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
             "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
         }
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = levels[graph_optimization]
-        opts.intra_op_num_threads = threads
-        opts.log_severity_level = 3
+
+        def options(n_threads: int) -> ort.SessionOptions:
+            opts = ort.SessionOptions()
+            opts.graph_optimization_level = levels[graph_optimization]
+            opts.intra_op_num_threads = n_threads
+            opts.log_severity_level = 3
+            if not allow_spinning:
+                opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            return opts
+
+        emb_threads = threads if embedder_threads is None else embedder_threads
+        self.options: dict[str, object] = {
+            "threads": threads,
+            "embedder_threads": emb_threads,
+            "allow_spinning": allow_spinning,
+            "graph_optimization": graph_optimization,
+        }
+        emb_opts, dec_opts = options(emb_threads), options(threads)
         try:
             self.embedder = ort.InferenceSession(
-                str(self.bundle / graphs["embedder"]["file"]), opts, providers=["CPUExecutionProvider"]
+                str(self.bundle / graphs["embedder"]["file"]), emb_opts, providers=["CPUExecutionProvider"]
             )
             self.decoder = ort.InferenceSession(
-                str(self.bundle / graphs["decoder"]["file"]), opts, providers=["CPUExecutionProvider"]
+                str(self.bundle / graphs["decoder"]["file"]), dec_opts, providers=["CPUExecutionProvider"]
             )
         except Exception as e:  # onnxruntime raises its own exception types
             raise UserError(
