@@ -1,6 +1,8 @@
 """Peak memory of `ple-export export` next to the checkpoint size (the streaming claim, measured).
 
-    python benchmarks/export_memory.py                  # e2b: ~9.3 GB bf16 checkpoint, ~2 min export
+    python benchmarks/export_memory.py                  # e2b: ~9.3 GB bf16 checkpoint, default int4 export
+    python benchmarks/export_memory.py --export-args "--quant none --ple-quant none"   # fp32 bundle
+    python benchmarks/export_memory.py --mode quantize  # fp32 bundle (made once) -> int4, streamed
     python benchmarks/export_memory.py --preset tiny --json
 
 The checkpoint is synthesised once and cached under --workdir. The export runs in a child process
@@ -43,6 +45,8 @@ def main() -> int:
     ap.add_argument("--workdir", type=Path, default=Path.home() / ".cache" / "ple-export-bench")
     ap.add_argument("--budget-gib", type=float, default=4.0, help="peak RSS the export must stay under")
     ap.add_argument("--keep-bundle", action="store_true", help="leave the exported bundle in --workdir")
+    ap.add_argument("--export-args", default="", help="extra flags for `ple-export export` / `quantize`")
+    ap.add_argument("--mode", choices=["export", "quantize"], default="export")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
@@ -56,11 +60,22 @@ def main() -> int:
         shutil.rmtree(ckpt, ignore_errors=True)
         synth_to_folder(spec, ckpt)
 
+    extra = args.export_args.split()
+    source = ckpt
+    if args.mode == "quantize":  # the fp32 bundle is made once (its memory is not what is measured)
+        source = args.workdir / f"{args.preset}-{key}-fp32-bundle"
+        if not (source / "manifest.json").is_file():
+            print(f"exporting the fp32 bundle {source} (once)...", file=sys.stderr)
+            subprocess.run(
+                [sys.executable, "-m", "ple_export", "export", str(ckpt), "-o", str(source), "--overwrite",
+                 "--quiet", "--quant", "none", "--ple-quant", "none"],
+                cwd=ROOT, check=True,
+            )
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     t0 = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-m", "ple_export", "export", str(ckpt), "-o", str(bundle), "--overwrite", "--quiet",
-         "--json"],
+        [sys.executable, "-m", "ple_export", args.mode, str(source), "-o", str(bundle), "--overwrite", "--quiet",
+         "--json", *extra],
         cwd=ROOT, capture_output=True, text=True,
     )
     seconds = time.perf_counter() - t0
@@ -73,6 +88,8 @@ def main() -> int:
     summary = json.loads(proc.stdout)
     result = {
         "preset": args.preset,
+        "mode": args.mode,
+        "args": extra,
         "num_parameters": spec.num_parameters(),
         "checkpoint_bytes": _dir_bytes(ckpt),
         "bundle_bytes": _dir_bytes(bundle),
