@@ -74,8 +74,8 @@ def main() -> int:
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     t0 = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-m", "ple_export", args.mode, str(source), "-o", str(bundle), "--overwrite", "--quiet",
-         "--json", *extra],
+        [sys.executable, "-m", "ple_export", args.mode, str(source), "-o", str(bundle), "--overwrite",
+         "--quiet", "--json", *extra],
         cwd=ROOT, capture_output=True, text=True,
     )
     seconds = time.perf_counter() - t0
