@@ -38,8 +38,9 @@ from exporter.export import ExportOptions, export_bundle
 from exporter.gemma4 import empty_past
 from exporter.manifest import FORMAT_VERSION
 from exporter.reference import load_reference
-from exporter.spec import FULL, SLIDING, Gemma4Spec, get_preset
+from exporter.spec import Gemma4Spec, get_preset
 from exporter.synth import synth_to_folder
+from graphs.recipe import QuantRecipe
 from runtime_harness.session import BundleSession
 
 SYNTH_DTYPE, SYNTH_SEED = "bf16", 0
@@ -50,15 +51,7 @@ log = Console(stderr=True)
 
 def small_spec() -> Gemma4Spec:
     """~330M parameters (228M in the decoder, 101M in the PLE table); 5:1 sliding:full, last full."""
-    n_layers = 12
-    layer_types = tuple(FULL if (i + 1) % 6 == 0 else SLIDING for i in range(n_layers))
-    return get_preset("tiny").replace(
-        vocab_size=32768, vocab_size_per_layer_input=32768, hidden_size=1024, intermediate_size=4096,
-        num_hidden_layers=n_layers, layer_types=layer_types,
-        num_attention_heads=8, num_key_value_heads=2, head_dim=128, global_head_dim=256,
-        hidden_size_per_layer_input=256, sliding_window=512, num_kv_shared_layers=4,
-        use_double_wide_mlp=False,
-    )
+    return get_preset("small")
 
 
 def prepare(preset: str, workdir: Path, rebuild: bool) -> tuple[Gemma4Spec, Path, Path]:
@@ -76,7 +69,7 @@ def prepare(preset: str, workdir: Path, rebuild: bool) -> tuple[Gemma4Spec, Path
         log.print(f"synthesized {spec.num_parameters() / 1e6:.3g}M params in {time.perf_counter() - t:.1f}s")
     if rebuild or not (bundle / "manifest.json").is_file():
         t = time.perf_counter()
-        export_bundle(ckpt, bundle, ExportOptions(overwrite=True))
+        export_bundle(ckpt, bundle, ExportOptions(overwrite=True, recipe=QuantRecipe.none()))  # fp32 vs fp32
         log.print(f"exported bundle in {time.perf_counter() - t:.1f}s")
     log.print(f"checkpoint {ckpt}\nbundle     {bundle}")
     return spec, ckpt, bundle

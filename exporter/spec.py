@@ -665,6 +665,26 @@ PRESETS: dict[str, Gemma4Spec] = {
         final_logit_softcapping=30.0,
         rope=dict(_ROPE_DEFAULT),
     ),
+    # ~330M parameters (228M decoder, 101M PLE table): big enough that decode is weight-bandwidth
+    # bound, small enough for CI runners (the ARM profiling workflow, benchmarks/latency.py).
+    "small": Gemma4Spec(
+        vocab_size=32768,
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=12,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=128,
+        global_head_dim=256,
+        layer_types=_pattern(12, 6),
+        sliding_window=512,
+        vocab_size_per_layer_input=32768,
+        hidden_size_per_layer_input=256,
+        num_kv_shared_layers=4,
+        use_double_wide_mlp=False,
+        final_logit_softcapping=30.0,
+        rope=dict(_ROPE_DEFAULT),
+    ),
     # Gemma 4 E2B (see shared/NOTES.md): hidden 1536, 35 layers [S,S,S,S,F]x7, 20 KV-shared layers.
     "e2b": Gemma4Spec(
         vocab_size=262_144,
