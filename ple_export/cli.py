@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -109,7 +110,7 @@ def _progress(enabled: bool) -> Iterator[Callable[[str, int, int], None]]:
         transient=False,
     )
     tasks: dict[str, Any] = {}
-    steps = {"tracing": "graphs"}  # stages counted in steps, not bytes
+    steps = {"tracing": "graphs", "warm": "runs", "cold": "runs", "enforced": "runs"}  # not bytes
 
     def update(stage: str, n: int, total: int) -> None:
         if stage not in tasks:
@@ -421,6 +422,95 @@ def generate(
             )
 
 
+EXIT_REGRESSION = 4
+
+
+@app.command()
+def profile(
+    bundle: Annotated[Path, typer.Argument(help="Bundle folder.")],
+    device: Annotated[str, typer.Option(help="Device profile (see `ple-export devices`).")] = "pixel-8a",
+    prompt_tokens: Annotated[int, typer.Option(help="Prompt length (seeded token ids).")] = 64,
+    gen_tokens: Annotated[int, typer.Option(help="Timed decode steps.")] = 32,
+    runs: Annotated[int, typer.Option(help="Timed runs (each in a fresh process).")] = 5,
+    warmup: Annotated[int, typer.Option(help="Untimed warm-up runs.")] = 1,
+    threads: Annotated[int, typer.Option(help="Decoder threads (0: every CPU available).")] = 0,
+    cold: Annotated[
+        bool, typer.Option(help="Evict the PLE table before each step; count major faults.")
+    ] = False,
+    enforce: Annotated[bool, typer.Option(help="Run inside a memory cgroup limited to the budget.")] = False,
+    budget_mb: Annotated[
+        float | None, typer.Option(help="App memory budget in MiB (default: device's).")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Prompt seed.")] = 0,
+    check: Annotated[bool, typer.Option(help="sha256 every file first (fills the page cache).")] = False,
+    plot: Annotated[
+        Path | None, typer.Option(help="Write a PNG: memory breakdown, per-step latency.")
+    ] = None,
+    baseline: Annotated[Path | None, typer.Option(help="An earlier profile --json to compare with.")] = None,
+    max_regression: Annotated[str, typer.Option(help="Allowed regression vs --baseline, e.g. 10%.")] = "10%",
+    as_json: JsonFlag = False,
+    quiet: QuietFlag = False,
+) -> None:
+    """Latency and memory of a bundle as a phone would run it, against a device's memory budget.
+    Exit 4 when --baseline shows a regression beyond --max-regression."""
+    with _user_errors():
+        from runtime_harness import profile as prof
+
+        tolerance = _parse_fraction(max_regression, "--max-regression")
+        opts = prof.ProfileOptions(
+            device=device,
+            prompt_tokens=prompt_tokens,
+            gen_tokens=gen_tokens,
+            runs=runs,
+            warmup=warmup,
+            threads=threads,
+            cold=cold,
+            enforce=enforce,
+            budget_mb=budget_mb,
+            seed=seed,
+            verify=check,
+        )
+        base = prof.load_report(baseline) if baseline is not None else None
+        with _progress(not quiet and not as_json) as progress:
+            report = prof.run_profile(bundle, opts, progress)
+        if plot is not None:
+            prof.plot(report, plot)
+        regressions = prof.compare_baseline(report, base, tolerance) if base is not None else []
+        report["regressions"] = regressions
+        if as_json:
+            sys.stdout.write(json.dumps(report, indent=2) + "\n")
+        else:
+            out.print(prof.render_table(report))
+        for line in regressions:
+            err.print(f"[bold red]regression:[/] {literal(line)}", soft_wrap=True)
+        if regressions:
+            raise typer.Exit(EXIT_REGRESSION)
+
+
+@app.command()
+def devices(as_json: JsonFlag = False) -> None:
+    """The device profiles `profile` knows, every figure with its source."""
+    with _user_errors():
+        from runtime_harness.devices import list_devices, render_devices
+
+        rows = list_devices()
+        if as_json:
+            sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+        else:
+            out.print(render_devices(rows))
+
+
+def _parse_fraction(text: str, flag: str) -> float:
+    t = text.strip()
+    try:
+        value = float(t[:-1]) / 100 if t.endswith("%") else float(t)
+    except ValueError:
+        raise UserError(f"{flag}: cannot read {text!r} (examples: 10%, 0.1)") from None
+    if not 0 <= value < 10:
+        raise UserError(f"{flag}: must be between 0% and 1000%, got {text!r}")
+    return value
+
+
 @app.command()
 def inspect(
     bundle: Annotated[Path, typer.Argument(help="Bundle folder.")],
@@ -446,76 +536,111 @@ def demo(
     output: Annotated[Path, typer.Argument(help="Working folder: checkpoint/ and bundle/ go inside.")] = Path(
         "ple-demo"
     ),
+    prompt: Annotated[str, typer.Option(help="Text to continue (the trained model).")] = "The river bank",
+    synthetic: Annotated[
+        bool, typer.Option(help="Use a random tiny checkpoint (synth) instead of the trained one.")
+    ] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing demo folder's contents.")] = False,
     as_json: JsonFlag = False,
     quiet: QuietFlag = False,
 ) -> None:
-    """The embedded default end to end: synth the tiny model, export it, inspect it, run it."""
+    """The embedded default end to end: the shipped trained tiny Gemma 4 (or a synthetic one) ->
+    int4 bundle -> verify against its PyTorch reference -> text generated by onnxruntime."""
     with _user_errors():
+        from exporter import assets
         from exporter.export import ExportOptions, export_bundle
         from exporter.manifest import is_earlier_bundle
-        from exporter.outdir import check_output
+        from exporter.outdir import check_output, staged_output
         from exporter.spec import get_preset
         from exporter.synth import is_earlier_checkpoint, synth_to_folder
+        from graphs.recipe import QuantRecipe
+        from runtime_harness.generate import bundle_tokenizer, generate
         from runtime_harness.session import BundleSession
+        from runtime_harness.verify import VerifyOptions, run_verify
 
         ckpt_dir, bundle_dir = output / "checkpoint", output / "bundle"
+        source = None if synthetic else Path(assets.__file__).parent / "tiny_trained"
+        if source is not None and not (source / "config.json").is_file():
+            raise UserError(f"{source}: the embedded trained checkpoint is missing from this install")
+        ours = is_earlier_checkpoint if source is None else _is_copy_of(source)
         if output.exists() and not output.is_dir():
             raise UserError(f"{output}: exists and is not a directory")
         if output.is_dir():
-            check_output(ckpt_dir, overwrite, is_earlier_checkpoint, "a synthetic checkpoint")
+            check_output(ckpt_dir, overwrite, ours, "a demo checkpoint")
             check_output(bundle_dir, overwrite, is_earlier_bundle, "a ple-export bundle", [ckpt_dir])
-        try:
-            output.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise os_error(e, output) from None
-        spec = get_preset("tiny")
         with _progress(not quiet and not as_json) as progress:
-            synth_to_folder(
-                spec, ckpt_dir, overwrite=overwrite, progress=lambda n, t: progress("synth", n, t)
+            if source is None:
+                synth_to_folder(
+                    get_preset("tiny"),
+                    ckpt_dir,
+                    overwrite=overwrite,
+                    progress=lambda n, t: progress("synth", n, t),
+                )
+            else:
+                with staged_output(ckpt_dir, overwrite, ours, "a demo checkpoint") as tmp:
+                    for f in sorted(source.iterdir()):
+                        if f.is_file() and not f.name.startswith(("_", ".")) and f.suffix != ".py":
+                            shutil.copyfile(f, tmp / f.name)
+            # random weights make quantization's numbers meaningless: the synthetic demo stays fp32
+            recipe = QuantRecipe.none() if synthetic else QuantRecipe()
+            result = export_bundle(
+                ckpt_dir, bundle_dir, ExportOptions(recipe=recipe, overwrite=overwrite), progress
             )
-            result = export_bundle(ckpt_dir, bundle_dir, ExportOptions(overwrite=overwrite), progress)
-        verify = _check_bundle(bundle_dir, result.manifest, True)
-        if verify["problems"]:
-            raise UserError(f"{bundle_dir}: {verify['problems'][0]}")
-        session = BundleSession(bundle_dir, check=False)  # verified just above
-        import time
-
-        import numpy as np
-
-        prompt = np.array([[2, 17, 42, 99, 7, 300, 12, 5, 64, 128, 256, 1]], dtype=np.int64) % spec.vocab_size
-        new_tokens = 16
-        session.generate(prompt, max_new_tokens=2, stop_at_eos=False)  # warm-up
-        runs = []
-        for _ in range(5):
-            t0 = time.perf_counter()
-            gen = session.generate(prompt, max_new_tokens=new_tokens, stop_at_eos=False)
-            runs.append(time.perf_counter() - t0)
-        median_s = sorted(runs)[len(runs) // 2]
+        report = run_verify(bundle_dir, VerifyOptions(reference=ckpt_dir, prompts=2, steps=8))
+        session = BundleSession(bundle_dir, check=False, allow_spinning=False)  # checked by verify
+        tok = bundle_tokenizer(session)
+        ids = tok.encode(prompt) if tok is not None else [2, 17, 42, 99, 7, 300, 12, 5]
+        generate(session, ids, 4)  # warm-up
+        gen = generate(session, ids, 32)
+        text = tok.decode(gen.tokens) if tok is not None else None
         summary = _bundle_summary(bundle_dir, result.manifest) | {
             "checkpoint": str(ckpt_dir),
             "seconds": round(result.seconds, 2),
-            "verify": verify,
+            "parity": {k: report[k] for k in ("precision", "passed", "failures", "summary", "thresholds")},
             "generation": {
-                "prompt": prompt[0].tolist(),
-                "greedy_tokens": gen.tokens[0],
-                "median_seconds": round(median_s, 5),
-                "tokens_per_second": round((prompt.shape[1] + new_tokens) / median_s, 1),
+                "prompt": prompt if tok is not None else None,
+                "prompt_ids": ids,
+                "tokens": gen.tokens,
+                "text": text,
+                "decode_tokens_per_second": round(gen.decode_tokens_per_second, 1),
             },
         }
 
         def human() -> None:
             _print_summary(summary, f"exported in {result.seconds:.1f} s")
-            out.print(f"greedy run with onnxruntime: prompt {prompt[0].tolist()} -> {gen.tokens[0]}")
+            s = report["summary"]
+            verdict = "[green]parity holds[/]" if report["passed"] else "[bold red]parity failed[/]"
             out.print(
-                f"  {prompt.shape[1]} prompt + {new_tokens} new tokens in {median_s * 1e3:.1f} ms "
-                f"(median of 5; {summary['generation']['tokens_per_second']:,.0f} tok/s on this toy model)"
+                f"verify ({report['precision']} vs PyTorch fp32): {verdict}; "
+                f"cosine >= {s['min_cosine']:.4f}, "
+                f"top-1 {s['top1_agreement']:.2f}, mean KL {s['mean_kl']:.3g}"
+            )
+            shown = f"{literal(prompt)}[bold]{literal(text)}[/]" if text is not None else str(gen.tokens)
+            out.print(f"onnxruntime: {shown}", soft_wrap=True)
+            out.print(
+                f"  {len(gen.tokens)} tokens at {gen.decode_tokens_per_second:,.0f} tok/s on this toy model"
             )
             out.print(
-                "next: `ple-export inspect --verify` on the bundle; run `pytest` for parity vs transformers"
+                f"next: ple-export generate {literal(bundle_dir)} --prompt '...'; "
+                f"ple-export profile {literal(bundle_dir)} --device pixel-8a"
             )
 
         _emit(summary, as_json, human)
+        if not report["passed"]:
+            _fail(f"{bundle_dir}: parity failed ({'; '.join(report['failures'])})", 3)
+
+
+def _is_copy_of(source: Path) -> Callable[[Path], bool]:
+    names = {f.name for f in source.iterdir() if f.is_file()}
+
+    def ours(folder: Path) -> bool:
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            return False
+        return all(e.name in names and e.is_file(follow_symlinks=False) for e in entries)
+
+    return ours
 
 
 # ---- helpers -------------------------------------------------------------------------------------
