@@ -1,0 +1,1 @@
+"""Pattern fusions over the traced decoder graph (onnxscript rewrite rules)."""
