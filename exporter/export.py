@@ -31,6 +31,9 @@ from exporter.safetensors_io import TensorInfo, iter_row_chunks, open_checkpoint
 from exporter.spec import Gemma4Spec
 from exporter.trace import trace_decoder, trace_embedder
 from exporter.weights import map_checkpoint
+from graphs.cleanup import clean
+from graphs.fusions.gelu import fuse_gelu
+from graphs.fusions.rms_norm import fuse_rms_norm
 from graphs.matmul_nbits import LinearToMatMulNBits
 from graphs.ple_table_quant import PleTableToGatherBlockQuantized
 from graphs.recipe import QuantRecipe
@@ -172,6 +175,9 @@ def _write_decoder(
 ) -> LinearToMatMulNBits:
     model = trace_decoder(ckpt.spec)
     progress("tracing", 1, 2)
+    clean(model)  # fold the trace's constants, shape plumbing and no-op casts (weights untouched)
+    fuse_rms_norm(model)
+    fuse_gelu(model)
     quant = LinearToMatMulNBits(opts.recipe)
     quant(model)
     opts.recipe.check_keep(list(quant.quantized) + list(quant.kept))

@@ -28,6 +28,9 @@ from exporter.export import CHUNK_BYTES, DECODER_DATA_FILE, PLE_TABLE_FILE, Expo
 from exporter.layout import DataFileWriter
 from exporter.outdir import staged_output
 from exporter.plan_writer import TensorReport, write_initializers
+from graphs.cleanup import clean
+from graphs.fusions.gelu import fuse_gelu
+from graphs.fusions.rms_norm import fuse_rms_norm
 from graphs.matmul_nbits import LinearToMatMulNBits
 from graphs.ple_table_quant import PleTableToGatherBlockQuantized
 from graphs.recipe import QuantRecipe
@@ -118,6 +121,9 @@ def quantize_bundle(
         ple_pass = PleTableToGatherBlockQuantized(recipe, int(spec["hidden_size_per_layer_input"]))
         _write(embedder, ple_pass, tmp, PLE_TABLE_FILE, graphs["embedder"]["file"], page, report, reports)
         decoder = ir.load(member_path(src, graphs["decoder"]["file"], str(src)))
+        clean(decoder)  # no-ops on a bundle exported by this version
+        fuse_rms_norm(decoder)
+        fuse_gelu(decoder)
         nbits = LinearToMatMulNBits(recipe)
         _write(decoder, nbits, tmp, DECODER_DATA_FILE, graphs["decoder"]["file"], page, report, reports)
         recipe.check_keep(list(nbits.quantized) + list(nbits.kept))
