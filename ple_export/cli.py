@@ -426,6 +426,42 @@ EXIT_REGRESSION = 4
 
 
 @app.command()
+def quality(
+    bundle: Annotated[Path, typer.Argument(help="A quantized bundle.")],
+    reference: Annotated[Path, typer.Option(help="The fp32 bundle of the same model.")],
+    text: Annotated[Path, typer.Option(help="Held-out text (UTF-8) to measure on.")],
+    windows: Annotated[int, typer.Option(help="Windows of the text.")] = 8,
+    window_tokens: Annotated[int, typer.Option(help="Tokens per window.")] = 128,
+    as_json: JsonFlag = False,
+) -> None:
+    """What quantization costs on text: perplexity (fp32 vs quantized), top-1, KL, cosine, greedy
+    agreement; exit 3 when the recipe's thresholds are not met."""
+    with _user_errors():
+        from runtime_harness.quality import QualityOptions, compare
+        from runtime_harness.verify import EXIT_PARITY_FAILED
+
+        report = compare(bundle, reference, QualityOptions(text, windows, window_tokens))
+        if as_json:
+            sys.stdout.write(json.dumps(report, indent=2) + "\n")
+        else:
+            t = report["thresholds"]
+            out.print(
+                f"{report['tokens']:,} tokens of {literal(report['text'])}: perplexity "
+                f"{report['perplexity_reference']:.3f} (fp32) -> {report['perplexity_quantized']:.3f} "
+                f"(x{report['perplexity_ratio']:.4f}, limit x{t['max_perplexity_ratio']}); "
+                f"top-1 {report['top1_agreement']:.3f}, mean KL {report['mean_kl']:.4f}, "
+                f"cosine {report['mean_cosine']:.4f}, greedy agreement {report['greedy_agreement']:.2f}",
+                highlight=False,
+            )
+        if not report["passed"]:
+            _fail(
+                f"{bundle}: quality below the {report['thresholds_for']} thresholds: "
+                + "; ".join(report["failures"]),
+                EXIT_PARITY_FAILED,
+            )
+
+
+@app.command()
 def profile(
     bundle: Annotated[Path, typer.Argument(help="Bundle folder.")],
     device: Annotated[str, typer.Option(help="Device profile (see `ple-export devices`).")] = "pixel-8a",

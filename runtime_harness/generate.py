@@ -32,8 +32,10 @@ class BundleTokenizer:
         except Exception as e:  # tokenizers raises its own Exception type
             raise UserError(f"{path}: not a readable tokenizer ({str(e).splitlines()[0]})") from None
 
-    def encode(self, text: str) -> list[int]:
-        return list(self._tok.encode(text, add_special_tokens=False).ids)
+    def encode(self, text: str, special: bool = True) -> list[int]:
+        """Token ids of `text`; `special`: with the tokenizer's own additions (e.g. a leading <bos>),
+        as the model saw its training text."""
+        return list(self._tok.encode(text, add_special_tokens=special).ids)
 
     def decode(self, ids: list[int]) -> str:
         return str(self._tok.decode(ids, skip_special_tokens=True))

@@ -51,11 +51,13 @@ class Thresholds:
 
 
 # fp32: the bundle computes what the reference computes (rounding only). int8/int4: set from the
-# trained tiny model (exporter/assets/tiny_trained) with the default recipes; docs/verify.md.
+# trained tiny model (exporter/assets/tiny_trained) with the default recipes, about 2-3x looser than
+# measured there (int4 block 32: max rel 0.15, cosine 0.993, top-1 0.96, KL 0.02, top-5 0.89;
+# int8: 0.012, 0.99999, 1.0, 0.0002, 0.99). docs/quantization.md has the table.
 THRESHOLDS = {
     "fp32": Thresholds(1e-4, 0.99999, 1.0, 1e-6, 1.0, 1e-3),
-    "int8": Thresholds(0.1, 0.995, 0.9, 0.02, 0.8, 0.2),
-    "int4": Thresholds(0.5, 0.95, 0.7, 0.25, 0.6, 0.5),
+    "int8": Thresholds(0.05, 0.999, 0.95, 0.005, 0.9, 0.2),
+    "int4": Thresholds(0.35, 0.98, 0.8, 0.08, 0.75, 0.5),
 }
 
 
@@ -123,7 +125,7 @@ def _prompts(session: BundleSession, opts: VerifyOptions) -> tuple[str, list[lis
             text = PROMPT_TEXTS[i % len(PROMPT_TEXTS)]
             ids = tok.encode(text)
             while 0 < len(ids) < length:
-                ids += tok.encode(" " + text)
+                ids += tok.encode(" " + text, special=False)
             if ids:
                 prompts.append(ids[:length])
         if prompts:

@@ -1,0 +1,56 @@
+"""Quantization quality on the trained tiny model's held-out text, with the thresholds each recipe
+must meet (runtime_harness/quality.py; docs/quantization.md). A broken quantizer must fail them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from exporter import assets
+from exporter.export import ExportOptions, export_bundle
+from exporter.quantize import quantize_bundle
+from graphs.recipe import QuantRecipe
+from runtime_harness.quality import QualityOptions, compare
+
+TRAINED = Path(assets.__file__).parent / "tiny_trained"
+OPTS = QualityOptions(TRAINED / "heldout.txt", windows=6, window_tokens=128, greedy_steps=16)
+RECIPES = {
+    "int4": QuantRecipe(),  # the default: int4 block 32 decoder + int8 PLE table
+    "int4-b128-asym": QuantRecipe(block_size=128, symmetric=False),
+    "int8": QuantRecipe(weights="int8", ple="none"),
+    "ple-int4": QuantRecipe(weights="none", ple="int4"),
+}
+
+
+@pytest.fixture(scope="module")
+def fp32(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("quality") / "fp32"
+    return export_bundle(TRAINED, out, ExportOptions(recipe=QuantRecipe.none())).out_dir
+
+
+@pytest.mark.parametrize("name", list(RECIPES))
+def test_recipes_meet_their_thresholds(name: str, fp32: Path, tmp_path: Path) -> None:
+    bundle = quantize_bundle(fp32, tmp_path / name, RECIPES[name]).out_dir
+    report = compare(bundle, fp32, OPTS)
+    assert report["passed"], report["failures"]
+    assert report["perplexity_reference"] < 80  # the trained model, not noise (unigram: ~557)
+    assert report["perplexity_ratio"] >= 1.0 - 1e-3  # quantization does not improve a model
+
+
+def test_a_broken_quantizer_fails_them(fp32: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Swap the two codes of every byte (a packing bug): the thresholds must catch it."""
+    from graphs import weight_plan
+
+    real = weight_plan.BlockQuant.pack
+
+    def swapped(self: weight_plan.BlockQuant, q):  # type: ignore[no-untyped-def]
+        out = real(self, q)
+        if self.part == "data" and self.bits == 4:
+            out = ((out & 0x0F) << 4) | (out >> 4)
+        return out
+
+    monkeypatch.setattr(weight_plan.BlockQuant, "pack", swapped)
+    bundle = quantize_bundle(fp32, tmp_path / "broken", QuantRecipe()).out_dir
+    report = compare(bundle, fp32, OPTS)
+    assert not report["passed"] and report["perplexity_ratio"] > 1.06
