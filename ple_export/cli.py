@@ -572,7 +572,7 @@ def demo(
     output: Annotated[Path, typer.Argument(help="Working folder: checkpoint/ and bundle/ go inside.")] = Path(
         "ple-demo"
     ),
-    prompt: Annotated[str, typer.Option(help="Text to continue (the trained model).")] = "The river bank",
+    prompt: Annotated[str, typer.Option(help="Text to continue (the trained model).")] = "If the file",
     synthetic: Annotated[
         bool, typer.Option(help="Use a random tiny checkpoint (synth) instead of the trained one.")
     ] = False,
