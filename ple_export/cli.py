@@ -175,7 +175,7 @@ def _recipe(
 @app.command()
 def synth(
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the checkpoint.")],
-    preset: Annotated[str, typer.Option(help="tiny | e2b | e4b")] = "tiny",
+    preset: Annotated[str, typer.Option(help="tiny | small | e2b | e4b")] = "tiny",
     dtype: Annotated[str, typer.Option(help="bf16 | fp16 | fp32")] = "bf16",
     seed: Annotated[int, typer.Option(help="Random seed; same seed, same bytes.")] = 0,
     shard_size: Annotated[str, typer.Option(help="Maximum shard size, e.g. 2GB, 500MB.")] = "2GB",

@@ -92,8 +92,26 @@ class BundleSession:
             raise UserError(
                 f"{self.bundle}: onnxruntime cannot load the bundle ({str(e).splitlines()[0]})"
             ) from None
+        try:
+            self._wire(graphs)
+        except (KeyError, StopIteration, TypeError, ValueError) as e:
+            raise UserError(
+                f"{self.bundle / 'manifest.json'}: graph inputs/outputs do not wire up "
+                f"({type(e).__name__}: {e}); not a bundle this runtime can run"
+            ) from None
+
+    def _wire(self, graphs: dict[str, Any]) -> None:
+        """Map the manifest's I/O roles onto the graphs, and check they are the graphs' own names."""
         self._dec_inputs = graphs["decoder"]["inputs"]
         self._dec_outputs = graphs["decoder"]["outputs"]
+        for sess, side, listed in (
+            (self.decoder, "inputs", self._dec_inputs),
+            (self.decoder, "outputs", self._dec_outputs),
+            (self.embedder, "inputs", graphs["embedder"]["inputs"]),
+        ):
+            actual = {v.name for v in (sess.get_inputs() if side == "inputs" else sess.get_outputs())}
+            if {d["name"] for d in listed} != actual:
+                raise ValueError(f"the manifest's {side} are not the graph's")
         # present_* output name -> past_* input name, matched by role and layer
         past = {
             (d["role"].removeprefix("past_"), d["layer"]): d["name"]
@@ -105,6 +123,14 @@ class BundleSession:
             for d in self._dec_outputs
             if d["role"] in ("present_key", "present_value")
         }
+        for role in ("input_ids", "per_layer_inputs", "position_ids"):
+            self._by_role(role)
+        next(d["name"] for d in self._dec_outputs if d["role"] == "logits")
+        for d in self._dec_inputs:
+            if d["role"] in ("past_key", "past_value"):
+                _, heads, _, head_dim = d["shape"]
+                if d["dtype"] not in _NP_DTYPES or not all(isinstance(x, int) for x in (heads, head_dim)):
+                    raise ValueError(f"{d['name']}: dtype or shape unusable")
         self.eos_ids = set(self.manifest["generation"]["eos_token_ids"])
         self._embedder_ids = next(d["name"] for d in graphs["embedder"]["inputs"] if d["role"] == "input_ids")
 

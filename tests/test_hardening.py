@@ -167,7 +167,7 @@ def test_demo_overwrite_keeps_foreign_subfolders(tmp_path: Path) -> None:
     (demo / "checkpoint" / "thesis.tex").write_text("years of work\n")
     before = snapshot(demo)
     proc = cli("demo", demo, "--overwrite", "--quiet", cwd=tmp_path)
-    assert_user_error(proc, "checkpoint", "not a synthetic checkpoint")
+    assert_user_error(proc, "checkpoint", "not a demo checkpoint")
     assert snapshot(demo) == before
 
 
