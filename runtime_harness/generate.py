@@ -46,9 +46,19 @@ def bundle_tokenizer(session: BundleSession) -> BundleTokenizer | None:
     return BundleTokenizer(session.bundle / TOKENIZER_FILE) if TOKENIZER_FILE in listed else None
 
 
+FAMILY_CONTEXT = {"gemma4": 131072}  # max_position_embeddings of the family's released configs
+
+
 def context_length(manifest: dict[str, Any]) -> int | None:
-    value = manifest["model"]["spec"].get("max_position_embeddings")
-    return value if isinstance(value, int) and value > 0 else None
+    """Tokens the bundle may hold: the manifest's, else the family's (RoPE was trained that far)."""
+    for value in (
+        manifest["generation"].get("context_length"),
+        manifest["model"]["spec"].get("max_position_embeddings"),
+        FAMILY_CONTEXT.get(manifest["model"]["family"]),
+    ):
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
 
 
 @dataclass
