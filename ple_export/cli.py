@@ -478,7 +478,7 @@ def profile(
         float | None, typer.Option(help="App memory budget in MiB (default: device's).")
     ] = None,
     seed: Annotated[int, typer.Option(help="Prompt seed.")] = 0,
-    check: Annotated[bool, typer.Option(help="sha256 every file first (fills the page cache).")] = False,
+    no_check: Annotated[bool, typer.Option("--no-check", help="Skip the sha256 check of the files.")] = False,
     plot: Annotated[
         Path | None, typer.Option(help="Write a PNG: memory breakdown, per-step latency.")
     ] = None,
@@ -504,7 +504,7 @@ def profile(
             enforce=enforce,
             budget_mb=budget_mb,
             seed=seed,
-            verify=check,
+            verify=not no_check,
         )
         base = prof.load_report(baseline) if baseline is not None else None
         with _progress(not quiet and not as_json) as progress:

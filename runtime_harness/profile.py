@@ -84,7 +84,7 @@ class ProfileOptions:
     enforce: bool = False
     budget_mb: float | None = None  # MiB; default: the device's app budget
     seed: int = 0  # prompt token ids are drawn from it
-    verify: bool = False  # sha256 every file first (reads the whole bundle: the page cache fills)
+    verify: bool = True  # sha256 every file first; the files are then dropped from the page cache again
 
     def validate(self) -> None:
         for name in ("prompt_tokens", "gen_tokens", "runs"):
@@ -777,6 +777,8 @@ def run_profile(bundle: Path, options: ProfileOptions, progress: Progress | None
     manifest = manifest_mod.load(bundle)
     trusted_bundle(bundle, manifest, verify_hashes=options.verify)
     files = {f["path"]: bundle / f["path"] for f in manifest["files"]}
+    if options.verify:  # hashing read every byte: residency must start from a cold cache again
+        _drop_page_cache(files)
     ple_file = bundle / manifest["ple"].get("file", "ple_table.data")
     from runtime_harness.generate import context_length
 
