@@ -651,8 +651,11 @@ def demo(
                 f"cosine >= {s['min_cosine']:.4f}, "
                 f"top-1 {s['top1_agreement']:.2f}, mean KL {s['mean_kl']:.3g}"
             )
-            shown = f"{literal(prompt)}[bold]{literal(text)}[/]" if text is not None else str(gen.tokens)
-            out.print(f"onnxruntime: {shown}", soft_wrap=True)
+            out.print("onnxruntime:")
+            if text is not None:  # the model's text as it is, newlines included (Text: no markup)
+                out.print(Text(prompt) + Text(text, style="bold"), soft_wrap=True)
+            else:
+                out.print(str(gen.tokens))
             out.print(
                 f"  {len(gen.tokens)} tokens at {gen.decode_tokens_per_second:,.0f} tok/s on this toy model"
             )
