@@ -181,12 +181,11 @@ def test_profile_and_devices_cli(trained: dict[str, Path], tmp_path: Path) -> No
     base.write_text(proc.stdout)
     report = json.loads(proc.stdout)
     assert report["samples"] and report["regressions"] == []
-    # a baseline twice as fast: a regression, exit 4
-    faster = json.loads(base.read_text())
-    for s in faster["samples"]:
-        s["avg_ts"] = s["avg_ts"] * 2
-    (tmp_path / "fast.json").write_text(json.dumps(faster))
+    # a baseline that held half the DRAM-resident bytes: a regression whatever the timings, exit 4
+    leaner = json.loads(base.read_text())
+    leaner["verdict"]["dram_resident_bytes"] /= 2
+    (tmp_path / "fast.json").write_text(json.dumps(leaner))
     proc = cli(*args, "--baseline", tmp_path / "fast.json", "--quiet", cwd=tmp_path)
-    assert proc.returncode == 4 and "regression" in proc.stderr, proc.stderr
+    assert proc.returncode == 4 and "DRAM-resident" in proc.stderr, proc.stderr
     assert_user_error(cli("profile", trained["int4"], "--device", "nokia-3310", cwd=tmp_path), "pixel-8a")
     assert_user_error(cli(*args, "--max-regression", "lots", cwd=tmp_path), "--max-regression")
