@@ -18,6 +18,7 @@ from __future__ import annotations
 import onnx_ir as ir
 from onnx_ir.passes import InPlacePass, PassResult
 
+from graphs.patterns import transposed_initializer
 from graphs.recipe import QuantRecipe, bits_of
 from graphs.weight_plan import quantized_inputs
 
@@ -32,16 +33,8 @@ def linear_weights(graph: ir.Graph) -> dict[str, list[tuple[ir.Node, ir.Node | N
     for node in graph:
         if node.domain not in ("", "ai.onnx"):
             continue
-        if node.op_type == "Transpose":
-            weight = node.inputs[0]
-            perm = node.attributes.get("perm")
-            if (
-                weight is None
-                or not weight.is_initializer()
-                or perm is None
-                or list(perm.as_ints()) != [1, 0]
-            ):
-                continue
+        weight = transposed_initializer(node)
+        if weight is not None:
             uses = list(node.outputs[0].uses())
             if uses and all(u.node.op_type == "MatMul" and u.idx == 1 for u in uses) and weight.name:
                 found.setdefault(weight.name, []).extend((u.node, node) for u in uses)

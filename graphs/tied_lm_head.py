@@ -14,6 +14,8 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import InPlacePass, PassResult
 
+from graphs.patterns import transposed_initializer
+
 
 def _const(name: str, values: list[int]) -> ir.Node:
     return ir.node(
@@ -29,16 +31,8 @@ class TiedLmHeadToGemm(InPlacePass):
         graph = model.graph
         modified = False
         for transpose in list(graph):
-            if transpose.op_type != "Transpose" or transpose.domain not in ("", "ai.onnx"):
-                continue
-            weight = transpose.inputs[0]
-            perm = transpose.attributes.get("perm")
-            if (
-                weight is None
-                or not weight.is_initializer()
-                or perm is None
-                or list(perm.as_ints()) != [1, 0]
-            ):
+            weight = transposed_initializer(transpose)
+            if weight is None:
                 continue
             if all(use.node is transpose for use in weight.uses()):
                 continue  # not tied: folding this Transpose at load costs time, not a second copy
