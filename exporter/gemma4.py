@@ -7,7 +7,8 @@ Split as the bundle is split:
 KV cache: explicit tensors for KV-owning layers only (`spec.kv_layers`). A full layer's present is
 past + new; a sliding layer's present keeps only the last `sliding_window - 1` positions (what the
 next token can see), as transformers' `DynamicSlidingWindowLayer` does. KV-shared layers attend
-over their source layer's past + new keys/values.
+over their source layer's past + new keys/values. Attention exports as onnxruntime's
+`GroupQueryAttention` (see `attend`).
 
 Upstream references are to transformers 5.23 `models/gemma4/modeling_gemma4.py`.
 """
@@ -66,6 +67,100 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos.unsqueeze(2) + rotate_half(x) * sin.unsqueeze(2)
 
 
+class Rotary:
+    """RoPE at the current tokens' positions for one layer type; `rotary(x)` rotates
+    x [B, S, heads, hd] and returns it as [B, S, heads * hd].
+
+    Under `torch.onnx.export` each rotation is one `com.microsoft::RotaryEmbedding` node. That op
+    looks angles up by position id in a [rows, hd / 2] cache; the cache here holds only the current
+    tokens' angles (row b * S + i for token i of batch row b), computed once per layer type, so no
+    max-context-sized table sits in DRAM.
+    """
+
+    def __init__(self, position_ids: torch.Tensor, inv_freq: torch.Tensor):
+        b, s = position_ids.shape
+        freqs = position_ids[..., None].to(inv_freq.dtype) * inv_freq  # [B, S, hd/2]
+        self.exporting = torch.onnx.is_in_onnx_export()
+        if self.exporting:
+            self.cos, self.sin = freqs.cos().reshape(b * s, -1), freqs.sin().reshape(b * s, -1)
+            self.rows = torch.arange(b * s).view(b, s)
+        else:
+            emb = torch.cat((freqs, freqs), dim=-1)
+            self.cos, self.sin = emb.cos(), emb.sin()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, heads, hd = x.shape
+        if self.exporting:
+            return torch.onnx.ops.symbolic(
+                "com.microsoft::RotaryEmbedding",
+                (x.reshape(b, s, heads * hd), self.rows, self.cos, self.sin),
+                dict(num_heads=heads, interleaved=0),
+                dtype=x.dtype,
+                shape=(b, s, heads * hd),
+                version=1,
+            )
+        return apply_rope(x, self.cos, self.sin).reshape(b, s, heads * hd)
+
+
+def gqa_lengths(past_k: torch.Tensor, s: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """GroupQueryAttention's length inputs for a cache of P positions plus S new tokens:
+    seqlens_k [B] = P + S - 1 per row, total_sequence_length = P + S (int32 scalar)."""
+    t = past_k.shape[2] + s
+    return torch.full((past_k.shape[0],), t - 1, dtype=torch.int32), torch.full((), t, dtype=torch.int32)
+
+
+def attend(
+    q: torch.Tensor,  # [B, S, nh * hd]: normed, rotated
+    k_new: torch.Tensor,  # [B, S, kvh * hd]: normed, rotated
+    v_new: torch.Tensor,  # [B, S, kvh * hd]
+    past_k: torch.Tensor,  # [B, kvh, P, hd]
+    past_v: torch.Tensor,
+    n_heads: int,
+    window: int | None,  # sliding window (HF's: a query sees itself and window - 1 earlier keys)
+    lengths: tuple[torch.Tensor, torch.Tensor] | None = None,  # `gqa_lengths`, shared by a layer type
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Causal grouped-query attention over past + new keys. Returns out [B, S, nh * hd] and the
+    present keys/values [B, kvh, P + S, hd].
+
+    Under `torch.onnx.export` this is one `com.microsoft::GroupQueryAttention` node (mask, KV concat
+    and head grouping inside the kernel); in eager mode it is the same math written out. The mask
+    depends only on where a key sits in the cache: the cache holds the P positions just before the
+    new tokens, so key j of T = P + S is at distance (T - S + i) - j from query i.
+    """
+    b, s, _ = q.shape
+    kvh, hd = past_k.shape[1], past_k.shape[3]
+    t = past_k.shape[2] + s
+    if torch.onnx.is_in_onnx_export():
+        seqlens_k, total = lengths if lengths is not None else gqa_lengths(past_k, s)
+        out, present_k, present_v = torch.onnx.ops.symbolic_multi_out(
+            "com.microsoft::GroupQueryAttention",
+            (q, k_new, v_new, past_k, past_v, seqlens_k, total),
+            # onnxruntime 1.31's local window counts the query's own key, as HF's does (measured:
+            # window - 1 and window + 1 both differ from the eager math; tests/test_parity.py)
+            dict(num_heads=n_heads, kv_num_heads=kvh, scale=1.0, local_window_size=window or -1),
+            dtypes=(q.dtype, q.dtype, q.dtype),
+            shapes=([b, s, n_heads * hd], [b, kvh, t, hd], [b, kvh, t, hd]),
+            version=1,
+        )
+        return out, present_k, present_v
+    keys = torch.cat([past_k, k_new.view(b, s, kvh, hd).transpose(1, 2)], dim=2)
+    values = torch.cat([past_v, v_new.view(b, s, kvh, hd).transpose(1, 2)], dim=2)
+    groups = n_heads // kvh
+    # heads h*G..h*G+G-1 share KV head h (upstream repeat_kv); group them instead of repeating K/V
+    qh = q.view(b, s, n_heads, hd).transpose(1, 2).reshape(b, kvh, groups * s, hd)
+    scores = torch.matmul(qh, keys.transpose(2, 3))  # scaling is 1.0: q and k are RMS-normed
+    scores = scores.view(b, kvh, groups, s, t)
+    q_at = torch.arange(s)[:, None] + (t - s)
+    distance = q_at - torch.arange(t)[None, :]  # [S, T]
+    allowed = distance >= 0
+    if window is not None:
+        allowed = allowed & (distance < window)
+    scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+    probs = F.softmax(scores.float(), dim=-1).to(q.dtype).view(b, kvh, groups * s, t)
+    out = torch.matmul(probs, values)  # [B, kvh, G*S, hd]
+    return out.view(b, n_heads, s, hd).transpose(1, 2).reshape(b, s, -1), keys, values
+
+
 class Attention(nn.Module):
     def __init__(self, spec: Gemma4Spec, layer: int):
         super().__init__()
@@ -75,6 +170,7 @@ class Attention(nn.Module):
         self.n_kv_heads = spec.layer_kv_heads(layer)
         self.owns_kv = spec.owns_kv(layer)
         self.k_eq_v = spec.k_eq_v(layer)
+        self.window = spec.sliding_window if spec.is_sliding(layer) else None
         self.wq = nn.Linear(h, nh * self.head_dim, bias=False)
         self.q_norm = RMSNorm(self.head_dim, spec.rms_norm_eps)
         self.wo = nn.Linear(nh * self.head_dim, h, bias=False)
@@ -84,40 +180,26 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, spec.rms_norm_eps)
             self.v_norm = RMSNorm(self.head_dim, spec.rms_norm_eps, with_scale=False)
 
-    def new_kv(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of the new tokens, [B, kv_heads, S, hd] each."""
+    def new_kv(self, x: torch.Tensor, rotary: Rotary) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the new tokens, [B, S, kv_heads * hd] each (keys rotated)."""
         b, s, _ = x.shape
         k = self.wk(x).view(b, s, self.n_kv_heads, self.head_dim)
         # attention_k_eq_v: values are the raw key projection (before k_norm and RoPE)
         v = k if self.wv is None else self.wv(x).view(b, s, self.n_kv_heads, self.head_dim)
-        k = apply_rope(self.k_norm(k), cos, sin).transpose(1, 2)
-        v = self.v_norm(v).transpose(1, 2)
-        return k, v
+        return rotary(self.k_norm(k)), self.v_norm(v).reshape(b, s, -1)
 
     def forward(
         self,
         x: torch.Tensor,  # [B, S, H]
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        keys: torch.Tensor,  # [B, kvh, T, hd]: past + new
-        values: torch.Tensor,
-        allowed: torch.Tensor,  # [B, S, T] bool
-    ) -> torch.Tensor:
+        rotary: Rotary,
+        kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],  # new K, new V, past K, past V
+        lengths: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Output [B, S, H] and the present keys/values of the KV layer attended to."""
         b, s, _ = x.shape
-        q = self.wq(x).view(b, s, self.n_heads, self.head_dim)
-        q = apply_rope(self.q_norm(q), cos, sin).transpose(1, 2)  # [B, nh, S, hd]
-        groups = self.n_heads // self.n_kv_heads
-        # heads h*G..h*G+G-1 share KV head h (upstream repeat_kv); group them instead of repeating K/V
-        q = q.reshape(b, self.n_kv_heads, groups * s, self.head_dim)
-        scores = torch.matmul(q, keys.transpose(2, 3))  # scaling is 1.0: q and k are RMS-normed
-        scores = scores.view(b, self.n_kv_heads, groups, s, -1)
-        scores = scores.masked_fill(~allowed[:, None, None, :, :], torch.finfo(scores.dtype).min)
-        probs = F.softmax(scores.float(), dim=-1).to(q.dtype).view(b, self.n_kv_heads, groups * s, -1)
-        out = torch.matmul(probs, values)  # [B, kvh, G*S, hd]
-        out = out.view(b, self.n_heads, s, self.head_dim).transpose(1, 2).reshape(b, s, -1)
-        return self.wo(out)
+        q = rotary(self.q_norm(self.wq(x).view(b, s, self.n_heads, self.head_dim)))
+        out, present_k, present_v = attend(q, *kv, n_heads=self.n_heads, window=self.window, lengths=lengths)
+        return self.wo(out), present_k, present_v
 
 
 class MLP(nn.Module):
@@ -147,14 +229,16 @@ class DecoderLayer(nn.Module):
         self.ple_norm = RMSNorm(h, eps)
         self.layer_scalar = nn.Parameter(torch.ones(1))  # a buffer upstream; loaded from the checkpoint
 
-    def forward(self, x, x_normed, cos, sin, keys, values, allowed, per_layer_input):  # type: ignore[no-untyped-def]
-        # x_normed = attn_norm(x), computed once by the caller (it also feeds this layer's new K/V)
-        x = x + self.post_attn_norm(self.attn(x_normed, cos, sin, keys, values, allowed))
+    def forward(self, x, x_normed, rotary, kv, lengths, per_layer_input):  # type: ignore[no-untyped-def]
+        """The layer's output and the present keys/values of the KV layer it attends to.
+        x_normed = attn_norm(x), computed once by the caller (it also feeds this layer's new K/V)."""
+        attn, present_k, present_v = self.attn(x_normed, rotary, kv, lengths)
+        x = x + self.post_attn_norm(attn)
         x = x + self.post_mlp_norm(self.mlp(self.mlp_norm(x)))
         # PLE: gate -> act -> * per_layer_input -> projection -> norm -> residual add
         g = F.gelu(self.ple_gate(x), approximate="tanh") * per_layer_input
         x = x + self.ple_norm(self.ple_proj(g))
-        return x * self.layer_scalar
+        return x * self.layer_scalar, present_k, present_v
 
 
 class PLEEmbedder(nn.Module):
@@ -220,44 +304,30 @@ class Gemma4Decoder(nn.Module):
         )
         per_layer = (proj + per_layer_inputs) * (2.0**-0.5)
 
-        rope: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        rope: dict[str, Rotary] = {}
+        lengths: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for lt in sorted(set(spec.layer_types)):  # sorted: graph order must not depend on hash seeds
-            inv = getattr(self, f"rope_inv_freq_{lt}")
-            freqs = position_ids[..., None].float() * inv  # [B, S, hd/2]
-            emb = torch.cat((freqs, freqs), dim=-1)
-            rope[lt] = (emb.cos(), emb.sin())
-
-        q_pos = position_ids[:, :, None]  # [B, S, 1]
-
-        def allowed(layer_type: str, keys: torch.Tensor) -> torch.Tensor:
-            # key j of T sits at position pos0 - (T - S) + j: the cache holds the T - S positions before
-            t = keys.shape[2]
-            k_pos = position_ids[:, :1, None] - (t - s) + torch.arange(t)[None, None, :]  # [B, 1, T]
-            ok = k_pos <= q_pos
-            if layer_type == SLIDING:
-                ok = ok & (q_pos - k_pos < spec.sliding_window)
-            return ok  # [B, S, T]
+            rope[lt] = Rotary(position_ids, getattr(self, f"rope_inv_freq_{lt}"))
+            # every cache of a layer type holds the same positions: one set of GQA lengths per type
+            first = next(j for j, i in enumerate(kv_layers) if spec.layer_types[i] == lt)
+            lengths[lt] = gqa_lengths(past[2 * first], s)
 
         presents: list[torch.Tensor] = []
-        full_kv: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # source -> K, V, mask
+        # source layer -> its new K, new V, past K, past V (KV-shared layers attend with these)
+        kv_inputs: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         for i, layer in enumerate(self.layers):
             lt = spec.layer_types[i]
-            cos, sin = rope[lt]
             src = spec.kv_source(i)
             x_normed = layer.attn_norm(x)
             if src == i:
                 j = kv_layers.index(i)
-                k_new, v_new = layer.attn.new_kv(x_normed, cos, sin)
-                keys = torch.cat([past[2 * j], k_new], dim=2)
-                values = torch.cat([past[2 * j + 1], v_new], dim=2)
-                full_kv[i] = (keys, values, allowed(lt, keys))
-                if lt == SLIDING:  # the next token sees at most window - 1 earlier positions
+                kv_inputs[i] = (*layer.attn.new_kv(x_normed, rope[lt]), past[2 * j], past[2 * j + 1])
+            x, keys, values = layer(x, x_normed, rope[lt], kv_inputs[src], lengths[lt], per_layer[:, :, i, :])
+            if src == i:
+                if spec.is_sliding(i):  # the next token sees at most window - 1 earlier positions
                     keep = spec.sliding_window - 1
-                    presents += [keys[:, :, -keep:], values[:, :, -keep:]]
-                else:
-                    presents += [keys, values]
-            keys, values, mask = full_kv[src]
-            x = layer(x, x_normed, cos, sin, keys, values, mask, per_layer[:, :, i, :])
+                    keys, values = keys[:, :, -keep:], values[:, :, -keep:]
+                presents += [keys, values]
 
         x = self.final_norm(x)
         logits = F.linear(x, self.embed.weight)  # tied LM head

@@ -216,3 +216,51 @@ def test_fp16_and_fp32_checkpoints_export_and_match_the_reference(dtype: str, tm
     ours = BundleSession(bundle).generate(prompt.numpy(), 4, stop_at_eos=False).step_logits
     for a, b in zip(ours, ref, strict=True):
         assert np.abs(a - b.numpy()).max() <= 1e-4 * np.abs(b.numpy()).max()
+
+
+_ADVICE_PROBE = textwrap.dedent("""
+    import json, sys
+    from pathlib import Path
+    import numpy as np
+    from runtime_harness import memory
+    from runtime_harness.session import BundleSession
+
+    bundle, advise = Path(sys.argv[1]), sys.argv[2] == "1"
+    table = bundle / "ple_table.data"
+    memory.fadvise_dontneed(table)  # uncached, as on a phone after boot
+    session = BundleSession(bundle, check=False, ple_random_access=advise)
+    rng = np.random.default_rng(0)
+    for _ in range(64):
+        session.per_layer_inputs(rng.integers(0, 65536, (1, 1)))
+    print(json.dumps({"advised": session.ple_advised, "mapped": memory.mapped_rss(table),
+                      "read_ahead_kb": memory.read_ahead_kb(table)}))
+""")
+
+
+def test_runtime_reads_ple_rows_not_read_around_windows(tmp_path: Path) -> None:
+    """BundleSession advises MADV_RANDOM on onnxruntime's mapping of the table: 64 lookups of random,
+    uncached rows map about their own pages, not the kernel's read-around window each."""
+    spec = VARIANTS["tiny"].replace(vocab_size_per_layer_input=65536, hidden_size_per_layer_input=256)
+    opts = ExportOptions(recipe=QuantRecipe(weights="none", ple="none"))
+    bundle = export_bundle(synth_checkpoint(spec, tmp_path / "ckpt"), tmp_path / "bundle", opts).out_dir
+    row_bytes = json.loads((bundle / "manifest.json").read_text())["ple"]["row_bytes"]  # 3 KiB: 1-2 pages
+
+    def probe(advise: bool) -> dict[str, int]:
+        out = subprocess.run(
+            [sys.executable, "-c", _ADVICE_PROBE, str(bundle), "1" if advise else "0"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=ROOT,
+        )
+        return json.loads(out.stdout)
+
+    advised = probe(True)
+    assert advised["advised"] >= 1
+    page = os.sysconf("SC_PAGE_SIZE")
+    bound = 64 * (row_bytes // page + 2) * page
+    assert advised["mapped"] <= bound, f"{advised['mapped']} B mapped for 64 rows of {row_bytes} B"
+    control = probe(False)
+    assert control["advised"] == 0
+    if (control["read_ahead_kb"] or 0) * 1024 > 4 * page:  # the kernel reads around: the advice matters
+        assert control["mapped"] > 2 * bound, control

@@ -20,6 +20,7 @@ from graphs.matmul_nbits import LinearToMatMulNBits, linear_weights
 from graphs.recipe import QuantRecipe
 from graphs.weight_plan import PLAN, plan_of
 from tests.conftest import VARIANTS
+from tests.graphs.decoder_feeds import decoder_feeds
 
 
 class Attn(nn.Module):
@@ -212,22 +213,6 @@ def test_new_constants_are_nodes_not_initializers() -> None:
 # loaded with their external data, cleaned, saved elsewhere: same logits and KV under onnxruntime.
 
 
-def _feeds(session: ort.InferenceSession, seq: int = 5, past: int = 3) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(0)
-    feeds = {}
-    for arg in session.get_inputs():
-        shape = arg.shape
-        if arg.name == "input_ids":
-            feeds[arg.name] = rng.integers(0, 256, (2, seq)).astype(np.int64)
-        elif arg.name == "position_ids":
-            feeds[arg.name] = np.tile(np.arange(past, past + seq, dtype=np.int64), (2, 1))
-        elif arg.name == "per_layer_inputs":
-            feeds[arg.name] = rng.standard_normal((2, seq, shape[2], shape[3])).astype(np.float32)
-        else:  # past key / value [B, kv_heads, past, head_dim]
-            feeds[arg.name] = rng.standard_normal((2, shape[1], past, shape[3])).astype(np.float32)
-    return feeds
-
-
 @pytest.fixture(scope="module")
 def int4_bundle(bundles: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("cleanup") / "tiny_int4"
@@ -240,7 +225,7 @@ def test_bundle_decoder_same_outputs(
 ) -> None:
     bundle = int4_bundle if variant == "tiny_int4" else bundles[variant]
     session = _session(str(bundle / "decoder.onnx"))
-    feeds = _feeds(session)
+    feeds = decoder_feeds(session)
     before = session.run(None, feeds)
     model = ir.load(bundle / "decoder.onnx")
     weights = {name: v.const_value for name, v in model.graph.initializers.items()}
@@ -254,7 +239,10 @@ def test_bundle_decoder_same_outputs(
     counts = op_counts(model)
     for op in ("SplitToSequence", "SequenceAt", "CastLike", "Identity"):
         assert counts[op] == 0, op
-    assert counts["Cast"] <= 1  # the position ids' int64 -> float (one per graph)
+    # the position ids' int64 -> float (one per graph); the rest make GroupQueryAttention's int32
+    # lengths (`gqa_lengths`: consumed by Expand)
+    casts = [n for n in model.graph if n.op_type == "Cast"]
+    assert sum(not all(u.node.op_type == "Expand" for u in n.outputs[0].uses()) for n in casts) <= 1
     assert {name: v.const_value for name, v in model.graph.initializers.items()} == weights
     assert [v.name for v in model.graph.outputs] == outputs
     out = tmp_path / "cleaned"

@@ -19,6 +19,7 @@ from graphs.cleanup import clean, op_counts
 from graphs.fusions.rms_norm import SLN, fuse_rms_norm
 from graphs.recipe import QuantRecipe
 from tests.conftest import VARIANTS
+from tests.graphs.decoder_feeds import decoder_feeds
 
 EPS = 1e-6
 
@@ -215,27 +216,11 @@ def test_never_reads_an_initializer() -> None:
 # loaded with their external data, fused, saved elsewhere: same logits and KV under onnxruntime.
 
 
-def _feeds(session: ort.InferenceSession, seq: int = 5, past: int = 3) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(0)
-    feeds = {}
-    for arg in session.get_inputs():
-        shape = arg.shape
-        if arg.name == "input_ids":
-            feeds[arg.name] = rng.integers(0, 256, (2, seq)).astype(np.int64)
-        elif arg.name == "position_ids":
-            feeds[arg.name] = np.tile(np.arange(past, past + seq, dtype=np.int64), (2, 1))
-        elif arg.name == "per_layer_inputs":
-            feeds[arg.name] = rng.standard_normal((2, seq, shape[2], shape[3])).astype(np.float32)
-        else:  # past key / value [B, kv_heads, past, head_dim]
-            feeds[arg.name] = rng.standard_normal((2, shape[1], past, shape[3])).astype(np.float32)
-    return feeds
-
-
 def _bundle_before_after(
     bundle: Path, out: Path, passes: Callable[[ir.Model], object]
 ) -> tuple[ir.Model, list[np.ndarray], list[np.ndarray]]:
     before_session = _session(str(bundle / "decoder.onnx"))
-    feeds = _feeds(before_session)
+    feeds = decoder_feeds(before_session)
     before = before_session.run(None, feeds)
     model = ir.load(bundle / "decoder.onnx")
     passes(model)
