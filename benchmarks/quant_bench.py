@@ -432,6 +432,19 @@ def measure_child(job: Json) -> Json:
     return rec
 
 
+def drop_page_cache(model: Path) -> None:
+    """Every engine starts from the same state: its model files out of the page cache (read from
+    disk on first touch, with the kernel's read-around). Files just written (our export) otherwise sit
+    there in 2 MiB folios that a single row lookup maps whole, which inflates file-backed RSS."""
+    for path in [model] if model.is_file() else sorted(model.rglob("*")):
+        if path.is_file() and not path.is_symlink():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
 def run_child(python: str, task: Json, log: Path, sample_s: float, timeout: float) -> Json:
     """One engine (or the bandwidth probe) in a fresh process, measured from outside by a slim
     stdlib-only middleman (`python -S -E THIS_FILE _measure`)."""
@@ -454,6 +467,8 @@ def run_child(python: str, task: Json, log: Path, sample_s: float, timeout: floa
         "sample_s": sample_s,
         "timeout": timeout,
     }
+    if task.get("model"):
+        drop_page_cache(Path(task["model"]))
     time.sleep(SETTLE_S)
     proc = subprocess.run(
         [sys.executable, "-S", "-E", __file__, "_measure"],
