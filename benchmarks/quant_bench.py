@@ -155,25 +155,7 @@ class BundleLoop(Loop):
     def __init__(self, bundle: Path, threads: int, profile_dir: str | None = None):
         from runtime_harness.session import BundleSession
 
-        self.session = BundleSession(bundle, threads=threads, check=False)
-        if profile_dir:  # same options as BundleSession's, plus profiling (a benchmark-only swap)
-            import onnxruntime as ort
-
-            opts = ort.SessionOptions()
-            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            opts.intra_op_num_threads = threads
-            opts.log_severity_level = 3
-            opts.enable_profiling = True
-            graphs = self.session.manifest["graphs"]
-            for part in ("embedder", "decoder"):
-                opts.profile_file_prefix = os.path.join(profile_dir, part)
-                setattr(
-                    self.session,
-                    part,
-                    ort.InferenceSession(
-                        str(bundle / graphs[part]["file"]), opts, providers=["CPUExecutionProvider"]
-                    ),
-                )
+        self.session = BundleSession(bundle, threads=threads, check=False, profile_dir=profile_dir)
         self.eos = sorted(self.session.eos_ids)
 
     def prefill(self, prompt: Any) -> int:
