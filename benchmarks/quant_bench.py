@@ -10,8 +10,9 @@ the peer's model folder and its venv; `--checkpoint /work/peers/ckpt/tiny` with
 
 Engines, each run in its OWN fresh subprocess per repeat (load once, a cold run, then a warm run):
 
-    int4          our bundle, default recipe (`QuantRecipe()`: int4 MatMulNBits block 32 symmetric
-                  accuracy 4, int8 PLE table via GatherBlockQuantized), `BundleSession`, onnxruntime
+    int4          our bundle, default recipe (`QuantRecipe()`: int4 MatMulNBits block 64 with zero
+                  points, accuracy 4, int8 PLE table via GatherBlockQuantized), `BundleSession`
+    int4-b32      our bundle with the peer's recipe (block 32 symmetric): the like-for-like ratio
     fp32          our bundle, `QuantRecipe.none()`
     transformers  `Gemma4ForCausalLM`, fp32, eager attention, DynamicCache, `logits_to_keep=1`
                   (what `generate()` does: the prefill computes the last position's logits only,
@@ -81,8 +82,9 @@ SETTLE_S = 0.5  # idle gap before each child: lets page cache writeback / other 
 BW_BYTES = 1 << 30
 BW_PASSES = 7
 ROOT = Path(__file__).resolve().parents[1]
-ENGINES = ("int4", "fp32", "transformers", "peer")
-ONNX_ENGINES = ("int4", "fp32", "peer")
+ENGINES = ("int4", "int4-b32", "fp32", "transformers", "peer")
+ONNX_ENGINES = ("int4", "int4-b32", "fp32", "peer")
+BUNDLE_ENGINES = ("int4", "int4-b32", "fp32")
 # (op, input index) that read only a few rows of an initializer per token; None: any input
 ROW_READERS: dict[str, set[int] | None] = {
     "Gather": None,
@@ -490,7 +492,11 @@ def prepare_bundle(
     from exporter.manifest import FORMAT_VERSION
     from graphs.recipe import QuantRecipe
 
-    recipe = QuantRecipe() if recipe_name == "int4" else QuantRecipe.none()
+    recipe = {
+        "int4": QuantRecipe(),
+        "int4-b32": QuantRecipe(block_size=32, symmetric=True),  # the peer's recipe, like for like
+        "fp32": QuantRecipe.none(),
+    }[recipe_name]
     key = hashlib.sha256(json.dumps([recipe.to_dict(), FORMAT_VERSION]).encode()).hexdigest()[:8]
     bundle = workdir.expanduser() / f"{ckpt.resolve().name}-{_checkpoint_key(ckpt)}" / f"{recipe_name}-{key}"
     if rebuild or not (bundle / "manifest.json").is_file():
@@ -670,8 +676,8 @@ def main() -> int:
     )
     p.add_argument(
         "--engines",
-        default="int4,fp32,transformers,peer",
-        help="comma list out of int4,fp32,transformers,peer (peer needs --peer-genai)",
+        default="int4,int4-b32,fp32,transformers,peer",
+        help="comma list out of int4,int4-b32,fp32,transformers,peer (peer needs --peer-genai)",
     )
     p.add_argument("--repeats", type=int, default=3, help="fresh subprocesses per engine, round-robin")
     p.add_argument("--threads", type=int, default=2)
@@ -716,7 +722,7 @@ def main() -> int:
     logs.mkdir(exist_ok=True)
     models: dict[str, str] = {}
     sizes: dict[str, Json] = {}
-    for name in ("int4", "fp32"):
+    for name in BUNDLE_ENGINES:
         if name in engines:
             bundle = prepare_bundle(args.checkpoint, name, args.workdir, args.rebuild, say)
             models[name], sizes[name] = str(bundle), bundle_bytes(bundle)
@@ -864,7 +870,7 @@ def summarize(
             achieved = streamed * e["decode_tok_s"]["median"] / 1e9
             e["achieved_gb_s"] = achieved
             e["achieved_vs_read_bw"] = achieved / bw[bw_key]["median"]
-        if engine in ("int4", "fp32"):
+        if engine in BUNDLE_ENGINES:
             dram = sizes[engine]["decoder_weights"]
             e["achieved_gb_s_manifest_dram"] = dram * e["decode_tok_s"]["median"] / 1e9
         rep["engines"][engine] = e
@@ -880,17 +886,18 @@ def summarize(
     def pre(r: Json) -> float:
         return PROMPT_LEN / float(r["warm"]["prefill_s"])
 
-    for other in ("peer", "transformers", "fp32"):
+    for ours, other in [(o, x) for o in ("int4", "int4-b32") for x in ("peer", "transformers", "fp32")]:
         for label, fn in (("decode", dec), ("prefill", pre)):
-            if (v := paired("int4", other, fn)) is not None:
-                rep["ratios"][f"int4/{other} {label} tok/s"] = v
+            if (v := paired(ours, other, fn)) is not None:
+                rep["ratios"][f"{ours}/{other} {label} tok/s"] = v
     for key in ("peak_rss_mb", "peak_rss_anon_mb", "peak_rss_file_mb"):
 
         def rss(r: Json, key: str = key) -> float:
             return float(r["measure"][key]) or float("nan")
 
-        if (v := paired("int4", "peer", rss)) is not None:
-            rep["ratios"][f"int4/peer {key}"] = v
+        for ours in ("int4", "int4-b32"):
+            if (v := paired(ours, "peer", rss)) is not None:
+                rep["ratios"][f"{ours}/peer {key}"] = v
     if "transformers" in records:
         ref = rep["engines"]["transformers"]["tokens"]
         for engine in engines:

@@ -31,13 +31,10 @@ from exporter.safetensors_io import TensorInfo, iter_row_chunks, open_checkpoint
 from exporter.spec import Gemma4Spec
 from exporter.trace import trace_decoder, trace_embedder
 from exporter.weights import map_checkpoint
-from graphs.cleanup import clean
-from graphs.fusions.gelu import fuse_gelu
-from graphs.fusions.rms_norm import fuse_rms_norm
 from graphs.matmul_nbits import LinearToMatMulNBits
+from graphs.pipeline import decoder_passes
 from graphs.ple_table_quant import PleTableToGatherBlockQuantized
 from graphs.recipe import QuantRecipe
-from graphs.tied_lm_head import TiedLmHeadToGemm
 
 EMBEDDER_FILE = "embedder.onnx"
 PLE_TABLE_FILE = "ple_table.data"
@@ -175,13 +172,8 @@ def _write_decoder(
 ) -> LinearToMatMulNBits:
     model = trace_decoder(ckpt.spec)
     progress("tracing", 1, 2)
-    clean(model)  # fold the trace's constants, shape plumbing and no-op casts (weights untouched)
-    fuse_rms_norm(model)
-    fuse_gelu(model)
-    quant = LinearToMatMulNBits(opts.recipe)
-    quant(model)
+    quant = decoder_passes(model, opts.recipe)
     opts.recipe.check_keep(list(quant.quantized) + list(quant.kept))
-    TiedLmHeadToGemm()(model)  # a float tied head (--quant none, or kept) reads the embedding as stored
     computed = {k: v.numpy() for k, v in rope_buffers(ckpt.spec).items()}
 
     def float_chunks(name: str) -> Iterator[np.ndarray]:

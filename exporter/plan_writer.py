@@ -121,32 +121,36 @@ def _write_group(
     source_rows: Chunks,
     reports: dict[str, TensorReport],
 ) -> None:
-    """Data, then scales, then zero points of one quantized source tensor, in one pass over it."""
+    """Data, then scales, then zero points of one quantized tensor, in one pass over its source (or
+    over each member source of a merged tensor in turn: rows are quantized independently)."""
     data = group["data"]
     plan = plan_of(data)
     assert plan is not None and data.shape is not None
     k = _source_k(group)
     kept: dict[str, list[np.ndarray]] = {"scales": [], "zero_points": []}
-    report = reports.setdefault(
-        plan.source,
-        TensorReport(plan.source, f"int{plan.bits}", _op(plan), plan.block_size),
-    )
-    if report.op != _op(plan):
-        report.op = "MatMulNBits+GatherBlockQuantized"
-    measure = report.rel_error is None and not report._norm2
+    measured: list[TensorReport] = []
 
     def data_chunks() -> Iterator[np.ndarray]:
-        for rows in source_rows(plan.source):
-            q = plan.quantize(rows)
+        for source in plan.sources():
+            report = reports.setdefault(
+                source, TensorReport(source, f"int{plan.bits}", _op(plan), plan.block_size)
+            )
+            if report.op != _op(plan):
+                report.op = "MatMulNBits+GatherBlockQuantized"
+            measure = report.rel_error is None and not report._norm2
+            for rows in source_rows(source):
+                q = plan.quantize(rows)
+                if measure:
+                    report.add(rows, dequantize_blockwise(q))
+                for part in kept:
+                    if part in group:
+                        kept[part].append(plan_of(group[part]).pack(q))  # type: ignore[union-attr]
+                yield plan.pack(q)
             if measure:
-                report.add(rows, dequantize_blockwise(q))
-            for part in kept:
-                if part in group:
-                    kept[part].append(plan_of(group[part]).pack(q))  # type: ignore[union-attr]
-            yield plan.pack(q)
+                measured.append(report)
 
     place(data, data_chunks(), _same_bytes_key(plan, k))
-    if measure:
+    for report in measured:
         report.finish()
     for part, arrays in kept.items():
         if part in group:

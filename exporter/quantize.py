@@ -28,13 +28,10 @@ from exporter.export import CHUNK_BYTES, DECODER_DATA_FILE, PLE_TABLE_FILE, Expo
 from exporter.layout import DataFileWriter
 from exporter.outdir import staged_output
 from exporter.plan_writer import TensorReport, write_initializers
-from graphs.cleanup import clean
-from graphs.fusions.gelu import fuse_gelu
-from graphs.fusions.rms_norm import fuse_rms_norm
 from graphs.matmul_nbits import LinearToMatMulNBits
+from graphs.pipeline import decoder_passes
 from graphs.ple_table_quant import PleTableToGatherBlockQuantized
 from graphs.recipe import QuantRecipe
-from graphs.tied_lm_head import TiedLmHeadToGemm
 
 _NP = {
     ir.DataType.FLOAT: np.float32,
@@ -121,11 +118,10 @@ def quantize_bundle(
         ple_pass = PleTableToGatherBlockQuantized(recipe, int(spec["hidden_size_per_layer_input"]))
         _write(embedder, ple_pass, tmp, PLE_TABLE_FILE, graphs["embedder"]["file"], page, report, reports)
         decoder = ir.load(member_path(src, graphs["decoder"]["file"], str(src)))
-        clean(decoder)  # no-ops on a bundle exported by this version
-        fuse_rms_norm(decoder)
-        fuse_gelu(decoder)
-        nbits = LinearToMatMulNBits(recipe)
-        _write(decoder, nbits, tmp, DECODER_DATA_FILE, graphs["decoder"]["file"], page, report, reports)
+        passes: list[LinearToMatMulNBits] = []
+        run = lambda model: passes.append(decoder_passes(model, recipe))  # noqa: E731
+        _write(decoder, run, tmp, DECODER_DATA_FILE, graphs["decoder"]["file"], page, report, reports)
+        nbits = passes[0]
         recipe.check_keep(list(nbits.quantized) + list(nbits.kept))
         for entry in manifest["files"]:
             if entry["role"] == "metadata":
@@ -147,7 +143,6 @@ def _write(
 ) -> None:
     sources = _sources(model)
     quant_pass(model)
-    TiedLmHeadToGemm()(model)
 
     def float_chunks(name: str) -> Iterator[Any]:
         return _raw_chunks(sources[name])

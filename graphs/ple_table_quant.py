@@ -45,7 +45,7 @@ class PleTableToGatherBlockQuantized(InPlacePass):
             table,
             bits,
             block,
-            self.recipe.symmetric,
+            self.recipe.ple_symmetric,
             "gather_block_quantized",
             TABLE,
             self.recipe.scales_dtype,

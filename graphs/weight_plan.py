@@ -11,6 +11,7 @@ after, with no checkpoint at all.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -40,6 +41,13 @@ class BlockQuant:
     layout: Layout
     part: Part
     scales_dtype: str = "float32"
+    # a merged tensor (graphs/sibling_matmul_nbits.py): its member sources, whose rows follow one
+    # another; `source` is then their names joined by "+"
+    members: tuple[str, ...] = ()
+
+    def sources(self) -> tuple[str, ...]:
+        """The source tensors streamed, in order."""
+        return self.members or (self.source,)
 
     def quantize(self, rows: np.ndarray) -> BlockQuantized:
         return quantize_blockwise(rows, self.bits, self.block_size, self.symmetric, self.scales_dtype)
@@ -71,6 +79,18 @@ def planned_initializer(
         weight = source.const_value.numpy().astype(np.float32)
         return ir.tensor(plan.pack(plan.quantize(weight)).reshape(shape), name=name)
 
+    return register_planned(graph, name, plan, compute, dtype, shape)
+
+
+def register_planned(
+    graph: ir.Graph,
+    name: str,
+    plan: BlockQuant,
+    compute: Callable[[], ir.TensorProtocol],
+    dtype: ir.DataType,
+    shape: tuple[int, ...],
+) -> ir.Value:
+    """Register an initializer with plan `plan` whose in-memory value `compute` makes on demand."""
     value = ir.Value(name=name, shape=ir.Shape(shape), type=ir.TensorType(dtype))
     value.const_value = ir.LazyTensor(compute, dtype=dtype, shape=ir.Shape(shape), name=name)
     value.meta[PLAN] = plan

@@ -24,6 +24,9 @@ from rich.text import Text
 from typer._click.exceptions import NoArgsIsHelpError, UsageError  # noqa: E402
 
 from exporter.errors import Terminated, UserError, os_error
+from graphs.recipe import QuantRecipe
+
+_DEFAULT_RECIPE = QuantRecipe()
 
 app = typer.Typer(
     add_completion=False,
@@ -137,7 +140,12 @@ QuietFlag = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars
 
 QuantFlag = Annotated[str, typer.Option(help="Decoder Linear weights: int4 | int8 | none (fp32)")]
 BlockFlag = Annotated[int, typer.Option(help="Quantization block along K: 16..256, a power of two")]
-SymmetricFlag = Annotated[bool, typer.Option("--symmetric/--asymmetric", help="Without or with zero points")]
+SymmetricFlag = Annotated[
+    bool, typer.Option("--symmetric/--asymmetric", help="Decoder weights without or with zero points")
+]
+PleSymmetricFlag = Annotated[
+    bool, typer.Option("--ple-symmetric/--ple-asymmetric", help="PLE table without or with zero points")
+]
 AccuracyFlag = Annotated[
     int, typer.Option(help="MatMulNBits compute type: 0 (fp32), 1, 4 (int8 compute: fastest on CPU)")
 ]
@@ -157,6 +165,7 @@ def _recipe(
     accuracy_level: int,
     ple_quant: str,
     ple_block_size: int | None,
+    ple_symmetric: bool,
     keep: str | None,
 ) -> Any:
     from graphs.recipe import QuantRecipe, parse_keep
@@ -168,6 +177,7 @@ def _recipe(
         accuracy_level=accuracy_level,
         ple=ple_quant,
         ple_block_size=ple_block_size,
+        ple_symmetric=ple_symmetric,
         keep=parse_keep(keep),
     )
 
@@ -220,11 +230,12 @@ def export(
         str, typer.Option(help="A float PLE table's dtype: checkpoint | bf16 | fp16 | fp32")
     ] = ("checkpoint"),
     quant: QuantFlag = "int4",
-    block_size: BlockFlag = 32,
-    symmetric: SymmetricFlag = True,
+    block_size: BlockFlag = _DEFAULT_RECIPE.block_size,
+    symmetric: SymmetricFlag = _DEFAULT_RECIPE.symmetric,
     accuracy_level: AccuracyFlag = 4,
     ple_quant: PleQuantFlag = "int8",
     ple_block_size: PleBlockFlag = None,
+    ple_symmetric: PleSymmetricFlag = _DEFAULT_RECIPE.ple_symmetric,
     keep: KeepFlag = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output folder.")] = False,
     as_json: JsonFlag = False,
@@ -234,7 +245,9 @@ def export(
     with _user_errors():
         from exporter.export import ExportOptions, export_bundle
 
-        recipe = _recipe(quant, block_size, symmetric, accuracy_level, ple_quant, ple_block_size, keep)
+        recipe = _recipe(
+            quant, block_size, symmetric, accuracy_level, ple_quant, ple_block_size, ple_symmetric, keep
+        )
         opts = ExportOptions(
             page_size=_parse_size(page_size, "--page-size"),
             ple_dtype=ple_dtype,
@@ -252,11 +265,12 @@ def quantize(
     bundle: Annotated[Path, typer.Argument(help="An fp32 bundle (export --quant none --ple-quant none).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Bundle folder to create.")],
     quant: QuantFlag = "int4",
-    block_size: BlockFlag = 32,
-    symmetric: SymmetricFlag = True,
+    block_size: BlockFlag = _DEFAULT_RECIPE.block_size,
+    symmetric: SymmetricFlag = _DEFAULT_RECIPE.symmetric,
     accuracy_level: AccuracyFlag = 4,
     ple_quant: PleQuantFlag = "int8",
     ple_block_size: PleBlockFlag = None,
+    ple_symmetric: PleSymmetricFlag = _DEFAULT_RECIPE.ple_symmetric,
     keep: KeepFlag = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output folder.")] = False,
     as_json: JsonFlag = False,
@@ -266,7 +280,9 @@ def quantize(
     with _user_errors():
         from exporter.quantize import quantize_bundle
 
-        recipe = _recipe(quant, block_size, symmetric, accuracy_level, ple_quant, ple_block_size, keep)
+        recipe = _recipe(
+            quant, block_size, symmetric, accuracy_level, ple_quant, ple_block_size, ple_symmetric, keep
+        )
         with _progress(not quiet and not as_json) as progress:
             result = quantize_bundle(bundle, output, recipe, overwrite, progress)
         summary = _bundle_summary(result.out_dir, result.manifest) | {"seconds": round(result.seconds, 2)}

@@ -84,7 +84,7 @@ def test_linears_become_matmul_nbits(quant: str, symmetric: bool) -> None:
     before = _run(linear_model(weights), {"x": x})[0]
 
     model = linear_model(weights)
-    recipe = QuantRecipe(weights=quant, symmetric=symmetric, accuracy_level=0)
+    recipe = QuantRecipe(weights=quant, block_size=32, symmetric=symmetric, accuracy_level=0)
     result = LinearToMatMulNBits(recipe)(model)
     assert result.modified
     assert _ops(model) == ["MatMulNBits", "MatMulNBits"]  # no Transpose, no float MatMul left
@@ -105,7 +105,7 @@ def test_tied_embedding_is_quantized_once_for_lookup_and_head() -> None:
     x = RNG.normal(0, 1, (1, 4, 64)).astype(np.float32)
     ids = RNG.integers(0, 128, (1, 4))
     model = linear_model(weights, tied=emb)
-    LinearToMatMulNBits(QuantRecipe(weights="int4", accuracy_level=0))(model)
+    LinearToMatMulNBits(QuantRecipe(weights="int4", block_size=32, symmetric=True, accuracy_level=0))(model)
     assert _ops(model) == ["Add", "GatherBlockQuantized", "MatMulNBits", "MatMulNBits"]
     after = _run(model, {"x": x, "ids": ids})[0]
     dq = _dequantized(emb, 4, 32, True)
@@ -188,7 +188,7 @@ def test_a_float_bundles_gemm_head_becomes_matmul_nbits() -> None:
     graph = ir.Graph([x], [gemm.outputs[0]], nodes=[gemm], initializers=inits, opset_imports={"": 18})
     model = ir.Model(graph, ir_version=10)
     xs = RNG.normal(0, 1, (3, 64)).astype(np.float32)
-    LinearToMatMulNBits(QuantRecipe(weights="int8", accuracy_level=0))(model)
+    LinearToMatMulNBits(QuantRecipe(weights="int8", block_size=32, symmetric=True, accuracy_level=0))(model)
     assert _ops(model) == ["MatMulNBits"] and model.graph.outputs[0].name == "logits"
     expected = xs @ _dequantized(emb, 8, 32, True).T
     np.testing.assert_allclose(_run(model, {"x": xs})[0], expected, rtol=1e-4, atol=1e-5)
