@@ -49,14 +49,30 @@ _RULES: tuple[tuple[tuple[str, ...], str, _Scale], ...] = (
     (("self_attn.q_norm.weight", "self_attn.k_norm.weight"), NORM, lambda s, spec: s[0] ** -0.25),
     (("layer_scalar",), UNIFORM, lambda s, spec: 1.0),
     # Gemma 4's RMSNorm multiplies by the weight itself (no +1 offset).
-    (("layernorm.weight", ".norm.weight", "post_per_layer_input_norm.weight",
-      "per_layer_projection_norm.weight"), NORM, lambda s, spec: 1.0),
+    (
+        (
+            "layernorm.weight",
+            ".norm.weight",
+            "post_per_layer_input_norm.weight",
+            "per_layer_projection_norm.weight",
+        ),
+        NORM,
+        lambda s, spec: 1.0,
+    ),
     # Embeddings are multiplied by sqrt(width) in the model.
-    (("embed_tokens_per_layer.weight",), NORMAL, lambda s, spec: spec.hidden_size_per_layer_input ** -0.5),
-    ((".embed_tokens.weight",), NORMAL, lambda s, spec: spec.hidden_size ** -0.5),
+    (("embed_tokens_per_layer.weight",), NORMAL, lambda s, spec: spec.hidden_size_per_layer_input**-0.5),
+    ((".embed_tokens.weight",), NORMAL, lambda s, spec: spec.hidden_size**-0.5),
     # Linear layers: fan_in**-0.5.
-    (("_proj.weight", "per_layer_input_gate.weight", "per_layer_projection.weight",
-      "per_layer_model_projection.weight"), NORMAL, lambda s, spec: s[1] ** -0.5),
+    (
+        (
+            "_proj.weight",
+            "per_layer_input_gate.weight",
+            "per_layer_projection.weight",
+            "per_layer_model_projection.weight",
+        ),
+        NORMAL,
+        lambda s, spec: s[1] ** -0.5,
+    ),
 )
 
 
@@ -142,8 +158,11 @@ def synth_checkpoint(
     cfg = spec.to_hf_config()
     cfg["torch_dtype"] = torch_name
     (out_dir / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    gen = {"bos_token_id": spec.bos_token_id, "eos_token_id": spec.hf_eos_token_id,
-           "pad_token_id": spec.pad_token_id}
+    gen = {
+        "bos_token_id": spec.bos_token_id,
+        "eos_token_id": spec.hf_eos_token_id,
+        "pad_token_id": spec.pad_token_id,
+    }
     (out_dir / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
 
     jobs = [
@@ -167,8 +186,9 @@ def synth_checkpoint(
 
         try:
             for name, k in jobs:
-                pending.append((name, pool.submit(generate_chunk, name, shapes[name], rules[name], seed, k,
-                                                  np_dtype)))
+                pending.append(
+                    (name, pool.submit(generate_chunk, name, shapes[name], rules[name], seed, k, np_dtype))
+                )
                 if len(pending) >= 2 * workers:
                     drain_one()
             while pending:
@@ -210,5 +230,10 @@ def synth_to_folder(
     report = (lambda n: progress(n, total)) if progress else None
     with staged_output(Path(out_dir), overwrite, is_earlier_checkpoint, "a synthetic checkpoint") as tmp:
         synth_checkpoint(spec, tmp, dtype, seed, max_shard_bytes, report)
-    return {"path": str(Path(out_dir).absolute()), "bytes": total, "num_parameters": spec.num_parameters(),
-            "dtype": dtype, "seed": seed}
+    return {
+        "path": str(Path(out_dir).absolute()),
+        "bytes": total,
+        "num_parameters": spec.num_parameters(),
+        "dtype": dtype,
+        "seed": seed,
+    }
