@@ -67,16 +67,43 @@ def main() -> int:
         if not (source / "manifest.json").is_file():
             print(f"exporting the fp32 bundle {source} (once)...", file=sys.stderr)
             subprocess.run(
-                [sys.executable, "-m", "ple_export", "export", str(ckpt), "-o", str(source), "--overwrite",
-                 "--quiet", "--quant", "none", "--ple-quant", "none"],
-                cwd=ROOT, check=True,
+                [
+                    sys.executable,
+                    "-m",
+                    "ple_export",
+                    "export",
+                    str(ckpt),
+                    "-o",
+                    str(source),
+                    "--overwrite",
+                    "--quiet",
+                    "--quant",
+                    "none",
+                    "--ple-quant",
+                    "none",
+                ],
+                cwd=ROOT,
+                check=True,
             )
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     t0 = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-m", "ple_export", args.mode, str(source), "-o", str(bundle), "--overwrite",
-         "--quiet", "--json", *extra],
-        cwd=ROOT, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "ple_export",
+            args.mode,
+            str(source),
+            "-o",
+            str(bundle),
+            "--overwrite",
+            "--quiet",
+            "--json",
+            *extra,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
     )
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
@@ -113,8 +140,10 @@ def main() -> int:
         print(f"  export wall time  {seconds:10.1f} s")
         verdict = "OK" if result["within_budget"] else "EXCEEDED"
         ratio = result["peak_rss_over_checkpoint"]
-        print(f"  peak RSS          {_fmt(peak):>12}  = {ratio:.3f} x checkpoint;"
-              f" budget {args.budget_gib:.1f} GiB: {verdict}")
+        print(
+            f"  peak RSS          {_fmt(peak):>12}  = {ratio:.3f} x checkpoint;"
+            f" budget {args.budget_gib:.1f} GiB: {verdict}"
+        )
     return 0 if result["within_budget"] else 1
 
 
