@@ -9,7 +9,7 @@ shared machine spreads over all of them; ratios are medians of per-repeat (paire
 Runs are whole, not interleaved token by token: onnxruntime's intra-op pool spins ~25 ms of a core
 after every Run (its default), which slowed a PyTorch step that followed it by ~40% on 2 cores.
 A short idle gap before each run keeps that out of the next engine's timings.
-All engines compute logits for every prompt position, as the bundle's decoder does.
+All engines compute logits for the last prompt position only (transformers: `logits_to_keep=1`).
 
     python benchmarks/latency.py [--preset small|tiny] [--prompt-len 128] [--new-tokens 32]
                                  [--repeats 5] [--threads 2] [--workdir DIR] [--json] [--rebuild]
@@ -87,7 +87,7 @@ class OrtEngine:
 
     def prefill(self, prompt: np.ndarray) -> int:
         self.cache = self.session.new_cache(1)
-        return int(self.session.forward(prompt, self.cache)[0, -1].argmax())
+        return int(self.session.forward(prompt, self.cache, last_only=True)[0, -1].argmax())
 
     def step(self, token: int) -> int:
         return int(self.session.forward(np.array([[token]], dtype=np.int64), self.cache)[0, -1].argmax())
@@ -121,7 +121,8 @@ class ReferenceEngine(TorchEngine):
 
     def run(self, ids: torch.Tensor) -> int:
         positions = torch.arange(self.position, self.position + ids.shape[1])[None]
-        logits, *self.past = self.decoder(ids, self.embedder(ids), positions, *self.past)
+        last = torch.tensor([ids.shape[1] - 1])
+        logits, *self.past = self.decoder(ids, self.embedder(ids), positions, last, *self.past)
         self.position += ids.shape[1]
         return int(logits[0, -1].argmax())
 
@@ -141,7 +142,7 @@ class TransformersEngine(TorchEngine):
         self.cache = self.new_cache()
 
     def run(self, ids: torch.Tensor) -> int:
-        out = self.model(input_ids=ids, past_key_values=self.cache, use_cache=True)
+        out = self.model(input_ids=ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
         return int(out.logits[0, -1].argmax())
 
 
@@ -243,16 +244,28 @@ def main() -> None:
     manifest = json.loads((bundle / "manifest.json").read_text())
     weight_bytes = sum(f["bytes"] for f in manifest["files"] if f["role"] == "decoder_weights")
     report: dict[str, Any] = {
-        "preset": args.preset, "num_parameters": spec.num_parameters(), "decoder_weight_bytes": weight_bytes,
-        "threads": args.threads, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-        "repeats": args.repeats, "cpus": cpus, "load_avg_1m": spread(loads),
-        "tokens_match": tokens_match, "notes": notes, "engines": {}, "ratios": {},
+        "preset": args.preset,
+        "num_parameters": spec.num_parameters(),
+        "decoder_weight_bytes": weight_bytes,
+        "threads": args.threads,
+        "prompt_len": args.prompt_len,
+        "new_tokens": args.new_tokens,
+        "repeats": args.repeats,
+        "cpus": cpus,
+        "load_avg_1m": spread(loads),
+        "tokens_match": tokens_match,
+        "notes": notes,
+        "engines": {},
+        "ratios": {},
     }
     for name, res in results.items():
         decode = statistics.median(res.decode_tok_s)
         report["engines"][name] = {
-            "load_s": res.load_s, "ttft_ms": spread(res.ttft_ms), "prefill_tok_s": spread(res.prefill_tok_s),
-            "decode_tok_s": spread(res.decode_tok_s), "decode_weight_gb_s": weight_bytes * decode / 1e9,
+            "load_s": res.load_s,
+            "ttft_ms": spread(res.ttft_ms),
+            "prefill_tok_s": spread(res.prefill_tok_s),
+            "decode_tok_s": spread(res.decode_tok_s),
+            "decode_weight_gb_s": weight_bytes * decode / 1e9,
             "first_tokens": first[name],
         }
     for other in ("pytorch-eager", "transformers"):
@@ -285,14 +298,22 @@ def print_report(rep: dict[str, Any]) -> None:
     for col in ("engine", "load s", "TTFT ms", "prefill tok/s", "decode tok/s", "decode weight GB/s"):
         table.add_column(col, justify="left" if col == "engine" else "right")
     for name, e in rep["engines"].items():
-        table.add_row(name, f"{e['load_s']:.2f}", fmt(e["ttft_ms"]), fmt(e["prefill_tok_s"]),
-                      fmt(e["decode_tok_s"]), f"{e['decode_weight_gb_s']:.2f}")
+        table.add_row(
+            name,
+            f"{e['load_s']:.2f}",
+            fmt(e["ttft_ms"]),
+            fmt(e["prefill_tok_s"]),
+            fmt(e["decode_tok_s"]),
+            f"{e['decode_weight_gb_s']:.2f}",
+        )
     out.print(table)
     for pair, r in rep["ratios"].items():
         out.print(f"{pair}: prefill x{r['prefill_tok_s']:.2f}, decode x{r['decode_tok_s']:.2f}")
     load = rep["load_avg_1m"]
-    out.print(f"greedy tokens agree across engines: {rep['tokens_match']}; wall {rep['wall_s']:.1f}s; "
-              f"1-min load average in timed runs {load['min']:.1f}-{load['max']:.1f} on {rep['cpus']} CPUs")
+    out.print(
+        f"greedy tokens agree across engines: {rep['tokens_match']}; wall {rep['wall_s']:.1f}s; "
+        f"1-min load average in timed runs {load['min']:.1f}-{load['max']:.1f} on {rep['cpus']} CPUs"
+    )
     for note in rep["notes"]:
         out.print(note, style="yellow", markup=False)
 

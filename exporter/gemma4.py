@@ -272,8 +272,10 @@ class PLEEmbedder(nn.Module):
 class Gemma4Decoder(nn.Module):
     """Everything but the PLE lookup. Inputs:
     input_ids [B, S] int64, per_layer_inputs [B, S, L, P] f32, position_ids [B, S] int64,
-    then past_key/past_value [B, kvh, P_i, hd] for each KV-owning layer in `spec.kv_layers` order.
-    Outputs: logits [B, S, V], then present_key/present_value per KV-owning layer.
+    logits_positions [N] int64 (which of the S new tokens get logits, 0 <= p < S: a prefill needs
+    only its last), then past_key/past_value [B, kvh, P_i, hd] for each KV-owning layer in
+    `spec.kv_layers` order.
+    Outputs: logits [B, N, V], then present_key/present_value per KV-owning layer.
     """
 
     def __init__(self, spec: Gemma4Spec):
@@ -289,7 +291,7 @@ class Gemma4Decoder(nn.Module):
         for name, value in rope_buffers(spec).items():
             self.register_buffer(name, value)
 
-    def forward(self, input_ids, per_layer_inputs, position_ids, *past):  # type: ignore[no-untyped-def]
+    def forward(self, input_ids, per_layer_inputs, position_ids, logits_positions, *past):  # type: ignore[no-untyped-def]
         spec = self.spec
         kv_layers = spec.kv_layers
         assert len(past) == 2 * len(kv_layers)
@@ -329,7 +331,8 @@ class Gemma4Decoder(nn.Module):
                     keys, values = keys[:, :, -keep:], values[:, :, -keep:]
                 presents += [keys, values]
 
-        x = self.final_norm(x)
+        # the head (the largest matmul: vocab x hidden) only where logits are asked for
+        x = self.final_norm(x.index_select(1, logits_positions))
         logits = F.linear(x, self.embed.weight)  # tied LM head
         if spec.final_logit_softcapping is not None:
             cap = spec.final_logit_softcapping

@@ -28,7 +28,8 @@ if TYPE_CHECKING:
 OPSET = 18
 IR_VERSION = 10  # onnx 1.23 writes 14 by default; onnxruntime 1.31 loads at most 13
 FORMAT = "ple-export-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the decoder's logits_positions input (1: logits at every new token)
+READABLE_VERSIONS = (1, 2)
 MANIFEST_FILE = "manifest.json"
 
 _ROLES = {
@@ -60,8 +61,9 @@ def graph_io(spec: Gemma4Spec) -> dict[str, Any]:
         _io("input_ids", "int64", ["batch", "sequence"], "input_ids"),
         _io("per_layer_inputs", "float32", ["batch", "sequence", L, P], "per_layer_inputs"),
         _io("position_ids", "int64", ["batch", "sequence"], "position_ids"),
+        _io("logits_positions", "int64", ["logits"], "logits_positions"),
     ]
-    dec_out = [_io("logits", "float32", ["batch", "sequence", spec.vocab_size], "logits")]
+    dec_out = [_io("logits", "float32", ["batch", "logits", spec.vocab_size], "logits")]
     for i in spec.kv_layers:
         kvh, hd = spec.layer_kv_heads(i), spec.layer_head_dim(i)
         past = f"past_sequence_{i}"
@@ -220,7 +222,8 @@ def build(
         "ple": ple,
         "quantization": quantization,
         "kv_cache": kv_cache(spec),
-        "positions": "position_ids are the absolute 0-based positions of the new tokens (past length + i)",
+        "positions": "position_ids are the absolute 0-based positions of the new tokens (past length + i); "
+        "logits_positions index the new tokens (0..sequence-1) whose logits the decoder computes",
         "generation": {
             "vocab_size": spec.vocab_size,
             "bos_token_id": spec.bos_token_id,
@@ -282,10 +285,11 @@ def load(bundle: Path) -> dict[str, Any]:
     manifest = read_json_object(path)
     if manifest.get("format") != FORMAT:
         raise UserError(f"{path}: not a ple-export manifest")
-    if manifest.get("format_version") != FORMAT_VERSION:
+    version = manifest.get("format_version")
+    if type(version) is not int or version not in READABLE_VERSIONS:
         raise UserError(
-            f"{path}: format_version {manifest.get('format_version')!r} is not supported "
-            f"(this ple-export reads {FORMAT_VERSION})"
+            f"{path}: format_version {version!r} is not supported "
+            f"(this ple-export reads {', '.join(map(str, READABLE_VERSIONS))})"
         )
     for key, kind in _REQUIRED.items():
         _typed(manifest, key, kind, path)

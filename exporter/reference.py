@@ -37,7 +37,8 @@ def greedy_logits(
     ids = prompt
     out: list[torch.Tensor] = []
     for _ in range(steps):
-        logits, *past = decoder(ids, embedder(ids).to(dtype), positions, *past)
+        last = torch.tensor([ids.shape[1] - 1])
+        logits, *past = decoder(ids, embedder(ids).to(dtype), positions, last, *past)
         out.append(logits[:, -1])
         ids = logits[:, -1].argmax(-1, keepdim=True)
         positions = positions[:, -1:] + 1

@@ -128,17 +128,24 @@ def trace_decoder(spec: Gemma4Spec) -> ir.Model:
             # every KV layer gets its own past length: sliding layers stop at window - 1
             past_len = torch.export.Dim(f"past_sequence_{i}")
             past_shapes += [{0: batch, 2: past_len}, {0: batch, 2: past_len}]
-        dynamic_shapes = ({0: batch, 1: seq}, {0: batch, 1: seq}, {0: batch, 1: seq}, tuple(past_shapes))
+        logits_positions = torch.tensor([0, 1, 3, 4])  # 4: a length no other dimension has here
+        dynamic_shapes = (
+            {0: batch, 1: seq},
+            {0: batch, 1: seq},
+            {0: batch, 1: seq},
+            {0: torch.export.Dim("logits")},
+            tuple(past_shapes),
+        )
         program = torch.onnx.export(
             module,
-            (ids, per_layer_inputs, ids.clone(), *past),
+            (ids, per_layer_inputs, ids.clone(), logits_positions, *past),
             dynamo=True,
             dynamic_shapes=dynamic_shapes,
             opset_version=OPSET,
             optimize=False,
             verbose=False,
         )
-    inputs = ["input_ids", "per_layer_inputs", "position_ids", *kv_input_names(spec)]
+    inputs = ["input_ids", "per_layer_inputs", "position_ids", "logits_positions", *kv_input_names(spec)]
     outputs = ["logits", *kv_output_names(spec)]
     assert program is not None
     return _finish(program.model, inputs, outputs, "decoder")

@@ -102,7 +102,7 @@ def generate(
     result = Result(prompt=list(prompt))
     cache = session.new_cache(1)
     t0 = time.perf_counter()
-    logits = session.forward(np.array([prompt], dtype=np.int64), cache)[:, -1]
+    logits = session.forward(np.array([prompt], dtype=np.int64), cache, last_only=True)[:, -1]
     result.prefill_seconds = time.perf_counter() - t0
     t1 = time.perf_counter()
     for step in range(max_new_tokens):

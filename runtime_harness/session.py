@@ -148,6 +148,10 @@ class BundleSession:
         }
         for role in ("input_ids", "per_layer_inputs", "position_ids"):
             self._by_role(role)
+        # format 1 bundles have no logits_positions input: their decoder returns every position's logits
+        self._logits_positions = next(
+            (d["name"] for d in self._dec_inputs if d["role"] == "logits_positions"), None
+        )
         next(d["name"] for d in self._dec_outputs if d["role"] == "logits")
         for d in self._dec_inputs:
             if d["role"] in ("past_key", "past_value"):
@@ -171,8 +175,10 @@ class BundleSession:
     def per_layer_inputs(self, input_ids: np.ndarray) -> np.ndarray:
         return self.embedder.run(None, {self._embedder_ids: input_ids})[0]
 
-    def forward(self, input_ids: np.ndarray, cache: KVCache) -> np.ndarray:
-        """Run S new tokens [B, S] through the model; returns logits [B, S, V] and advances `cache`."""
+    def forward(self, input_ids: np.ndarray, cache: KVCache, last_only: bool = False) -> np.ndarray:
+        """Run S new tokens [B, S] through the model; returns logits [B, S, V] (`last_only`: the
+        last token's, [B, 1, V]) and advances `cache`. A prefill that only samples the next token
+        wants `last_only`: the LM head then runs for one position, not S (format 2 bundles)."""
         input_ids = np.ascontiguousarray(input_ids, dtype=np.int64)
         b, s = input_ids.shape
         positions = np.broadcast_to(np.arange(cache.position, cache.position + s, dtype=np.int64), (b, s))
@@ -182,12 +188,17 @@ class BundleSession:
             self._by_role("position_ids"): np.ascontiguousarray(positions),
             **cache.tensors,
         }
+        if self._logits_positions is not None:
+            feeds[self._logits_positions] = np.array([s - 1] if last_only else range(s), dtype=np.int64)
         names = [d["name"] for d in self._dec_outputs]
         past = next(iter(cache.tensors.values())).shape[2] if cache.tensors else 0
         if b > 1 and s > 1 and past > 0:
             # onnxruntime's GroupQueryAttention takes S > 1 new tokens over a non-empty cache (a
             # chunked prefill) for one batch row at a time: run the rows one by one
-            rows = [self.decoder.run(names, {k: v[r : r + 1] for k, v in feeds.items()}) for r in range(b)]
+            def row(r: int) -> dict[str, Any]:  # logits_positions has no batch axis
+                return {k: v if k == self._logits_positions else v[r : r + 1] for k, v in feeds.items()}
+
+            rows = [self.decoder.run(names, row(r)) for r in range(b)]
             results = [np.concatenate(parts, axis=0) for parts in zip(*rows, strict=True)]
         else:
             results = self.decoder.run(names, feeds)
@@ -196,7 +207,8 @@ class BundleSession:
             self._present_to_past[n]: v for n, v in outputs.items() if n in self._present_to_past
         }
         cache.position += s
-        return outputs[next(d["name"] for d in self._dec_outputs if d["role"] == "logits")]
+        logits = outputs[next(d["name"] for d in self._dec_outputs if d["role"] == "logits")]
+        return logits[:, -1:] if last_only and self._logits_positions is None else logits
 
     def generate(self, prompt: np.ndarray, max_new_tokens: int, stop_at_eos: bool = True) -> Generation:
         """Greedy decoding: one prefill call, then one call per new token."""
@@ -212,7 +224,7 @@ class BundleSession:
         return gen
 
     def stream_logits(self, prompt: np.ndarray, max_new_tokens: int, cache: KVCache) -> Iterator[np.ndarray]:
-        logits = self.forward(prompt, cache)[:, -1]
+        logits = self.forward(prompt, cache, last_only=True)[:, -1]
         for step in range(max_new_tokens):
             yield logits
             if step + 1 < max_new_tokens:

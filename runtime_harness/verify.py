@@ -154,7 +154,8 @@ def _ours(checkpoint: Path) -> Callable[[], Forward]:
         def forward(ids: list[int]) -> np.ndarray:
             x = torch.tensor([ids], dtype=torch.int64)
             positions = torch.arange(state["pos"], state["pos"] + len(ids))[None]
-            logits, *past = decoder(x, embedder(x).float(), positions, *state["past"])
+            every = torch.arange(len(ids))
+            logits, *past = decoder(x, embedder(x).float(), positions, every, *state["past"])
             state["past"], state["pos"] = past, state["pos"] + len(ids)
             return logits[0].numpy()
 
@@ -204,7 +205,7 @@ def run_verify(bundle: Path, opts: VerifyOptions) -> dict[str, Any]:
     for prompt in prompts:
         ref, ours = reference(), session.new_cache(1)
         r = ref(prompt)[-1]
-        a = session.forward(np.array([prompt], dtype=np.int64), ours)[0, -1]
+        a = session.forward(np.array([prompt], dtype=np.int64), ours, last_only=True)[0, -1]
         steps, tokens = [], []
         for step in range(opts.steps):
             steps.append(step_metrics(a, r, opts.top_k, thresholds.near_tie))

@@ -113,3 +113,28 @@ def test_bundle_chunked_prefill_matches_transformers(
     scale = float(ref.abs().max())
     err = float(np.abs(ours - ref.numpy()).max())
     assert err <= 1e-4 * scale, f"chunked prefill: max |diff| {err:.3g} > 1e-4 * {scale:.3g}"
+
+
+def test_prefill_computes_only_the_logits_asked_for(bundles: dict[str, Path]) -> None:
+    """`last_only` feeds logits_positions = [S - 1]: the decoder returns one position's logits, the
+    same numbers as the last row of an every-position call (the LM head runs per position)."""
+    session = BundleSession(bundles["tiny"])
+    prompt = np.arange(3, 3 + PROMPT_LEN)[None] % VARIANTS["tiny"].vocab_size
+    every = session.forward(prompt, session.new_cache(1))
+    last = session.forward(prompt, session.new_cache(1), last_only=True)
+    assert every.shape[1] == PROMPT_LEN and last.shape[1] == 1
+    np.testing.assert_allclose(last[:, 0], every[:, -1], rtol=1e-5, atol=1e-5)
+    # the graph itself: asked for positions [2, 0], it returns exactly those two rows
+    names = {
+        d["role"]: d["name"] for d in session.manifest["graphs"]["decoder"]["inputs"] if "layer" not in d
+    }
+    cache = session.new_cache(1)
+    feeds = {
+        names["input_ids"]: prompt,
+        names["per_layer_inputs"]: session.per_layer_inputs(prompt),
+        names["position_ids"]: np.arange(PROMPT_LEN)[None],
+        names["logits_positions"]: np.array([2, 0]),
+        **cache.tensors,
+    }
+    picked = session.decoder.run(["logits"], feeds)[0]
+    np.testing.assert_allclose(picked, every[:, [2, 0]], rtol=1e-5, atol=1e-5)
