@@ -17,6 +17,8 @@ def decoder_feeds(session: ort.InferenceSession, seq: int = 5, past: int = 3) ->
             feeds[arg.name] = rng.integers(0, 256, (1, seq)).astype(np.int64)
         elif arg.name == "position_ids":
             feeds[arg.name] = np.arange(past, past + seq, dtype=np.int64)[None]
+        elif arg.name == "logits_positions":  # every new token's logits
+            feeds[arg.name] = np.arange(seq, dtype=np.int64)
         elif arg.name == "per_layer_inputs":
             feeds[arg.name] = rng.standard_normal((1, seq, shape[2], shape[3])).astype(np.float32)
         else:  # past key / value [B, kv_heads, past, head_dim]

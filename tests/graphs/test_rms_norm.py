@@ -257,7 +257,7 @@ def test_bundle_decoder_same_outputs(
     # clean, so a bundle's decoder has it either way)
     norms -= sum(spec.owns_kv(i) and spec.k_eq_v(i) for i in range(spec.num_hidden_layers))
     # export also folds each residual Add + following norm into one SkipSimplifiedLayerNormalization
-    assert counts[SLN] + counts["SkipSimplifiedLayerNormalization"] == norms
+    assert counts[SLN] + counts["com.microsoft::SkipSimplifiedLayerNormalization"] == norms
     assert counts["ReduceMean"] == 0
     assert len(after) == len(before)
     scale = float(np.abs(before[0]).max())
