@@ -819,11 +819,14 @@ def _print_summary(summary: dict[str, Any], headline: str | None) -> None:
     q = summary["quantization"]
     if q["recipe"]:
         r = q["recipe"]
-        out.print(
-            f"recipe: weights {literal(r.get('weights'))} (block {literal(r.get('block_size'))}, "
-            f"{'symmetric' if r.get('symmetric') else 'asymmetric'}, accuracy level "
-            f"{literal(r.get('accuracy_level'))}), PLE table {literal(r.get('ple'))}"
-        )
+        weights = f"weights {literal(r.get('weights'))}"
+        if r.get("weights") != "none":  # block and zero points mean nothing for a float decoder
+            weights += (
+                f" (block {literal(r.get('block_size'))}, "
+                f"{'symmetric' if r.get('symmetric') else 'asymmetric'}, accuracy level "
+                f"{literal(r.get('accuracy_level'))})"
+            )
+        out.print(f"recipe: {weights}, PLE table {literal(r.get('ple'))}")
         for precision, e in sorted(q["by_precision"].items()):
             err = e["mean_rel_weight_error"]
             kept = f"; kept: {literal(', '.join(e['kept'][:4]))}" if e["kept"] else ""
