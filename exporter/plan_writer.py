@@ -129,14 +129,16 @@ def _write_group(
     k = _source_k(group)
     kept: dict[str, list[np.ndarray]] = {"scales": [], "zero_points": []}
     measured: list[TensorReport] = []
+    for source in plan.sources():  # here, not in data_chunks: aliased bytes never run it
+        report = reports.setdefault(
+            source, TensorReport(source, f"int{plan.bits}", _op(plan), plan.block_size)
+        )
+        if report.op != _op(plan):
+            report.op = "MatMulNBits+GatherBlockQuantized"
 
     def data_chunks() -> Iterator[np.ndarray]:
         for source in plan.sources():
-            report = reports.setdefault(
-                source, TensorReport(source, f"int{plan.bits}", _op(plan), plan.block_size)
-            )
-            if report.op != _op(plan):
-                report.op = "MatMulNBits+GatherBlockQuantized"
+            report = reports[source]
             measure = report.rel_error is None and not report._norm2
             for rows in source_rows(source):
                 q = plan.quantize(rows)
