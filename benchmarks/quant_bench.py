@@ -13,6 +13,7 @@ Engines, each run in its OWN fresh subprocess per repeat (load once, a cold run,
     int4          our bundle, default recipe (`QuantRecipe()`: int4 MatMulNBits block 64 with zero
                   points, accuracy 4, int8 PLE table via GatherBlockQuantized), `BundleSession`
     int4-b32      our bundle with the peer's recipe (block 32 symmetric): the like-for-like ratio
+    int4-b128     our bundle with `--block-size 128` (asymmetric): the fast option
     fp32          our bundle, `QuantRecipe.none()`
     transformers  `Gemma4ForCausalLM`, fp32, eager attention, DynamicCache, `logits_to_keep=1`
                   (what `generate()` does: the prefill computes the last position's logits only,
@@ -82,9 +83,10 @@ SETTLE_S = 0.5  # idle gap before each child: lets page cache writeback / other 
 BW_BYTES = 1 << 30
 BW_PASSES = 7
 ROOT = Path(__file__).resolve().parents[1]
-ENGINES = ("int4", "int4-b32", "fp32", "transformers", "peer")
-ONNX_ENGINES = ("int4", "int4-b32", "fp32", "peer")
-BUNDLE_ENGINES = ("int4", "int4-b32", "fp32")
+ENGINES = ("int4", "int4-b32", "int4-b128", "fp32", "transformers", "peer")
+ONNX_ENGINES = ("int4", "int4-b32", "int4-b128", "fp32", "peer")
+BUNDLE_ENGINES = ("int4", "int4-b32", "int4-b128", "fp32")
+OURS_INT4 = ("int4", "int4-b32", "int4-b128")
 # (op, input index) that read only a few rows of an initializer per token; None: any input
 ROW_READERS: dict[str, set[int] | None] = {
     "Gather": None,
@@ -495,6 +497,7 @@ def prepare_bundle(
     recipe = {
         "int4": QuantRecipe(),
         "int4-b32": QuantRecipe(block_size=32, symmetric=True),  # the peer's recipe, like for like
+        "int4-b128": QuantRecipe(block_size=128),  # the fast option (docs/quantization.md)
         "fp32": QuantRecipe.none(),
     }[recipe_name]
     key = hashlib.sha256(json.dumps([recipe.to_dict(), FORMAT_VERSION]).encode()).hexdigest()[:8]
@@ -676,8 +679,8 @@ def main() -> int:
     )
     p.add_argument(
         "--engines",
-        default="int4,int4-b32,fp32,transformers,peer",
-        help="comma list out of int4,int4-b32,fp32,transformers,peer (peer needs --peer-genai)",
+        default="int4,int4-b32,int4-b128,fp32,transformers,peer",
+        help="comma list out of int4,int4-b32,int4-b128,fp32,transformers,peer (peer needs --peer-genai)",
     )
     p.add_argument("--repeats", type=int, default=3, help="fresh subprocesses per engine, round-robin")
     p.add_argument("--threads", type=int, default=2)
@@ -886,7 +889,7 @@ def summarize(
     def pre(r: Json) -> float:
         return PROMPT_LEN / float(r["warm"]["prefill_s"])
 
-    for ours, other in [(o, x) for o in ("int4", "int4-b32") for x in ("peer", "transformers", "fp32")]:
+    for ours, other in [(o, x) for o in OURS_INT4 for x in ("peer", "transformers", "fp32")]:
         for label, fn in (("decode", dec), ("prefill", pre)):
             if (v := paired(ours, other, fn)) is not None:
                 rep["ratios"][f"{ours}/{other} {label} tok/s"] = v
@@ -895,7 +898,7 @@ def summarize(
         def rss(r: Json, key: str = key) -> float:
             return float(r["measure"][key]) or float("nan")
 
-        for ours in ("int4", "int4-b32"):
+        for ours in OURS_INT4:
             if (v := paired(ours, "peer", rss)) is not None:
                 rep["ratios"][f"{ours}/peer {key}"] = v
     if "transformers" in records:
