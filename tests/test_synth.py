@@ -109,10 +109,21 @@ def test_transformers_loads_sharded_checkpoint(tiny_sharded: Path) -> None:
     cfg = transformers.AutoConfig.from_pretrained(tiny_sharded)
     assert type(cfg).__name__ == "Gemma4TextConfig"
     d = cfg.to_dict()  # head_dim is a per-layer attribute: read the global value from the dict
-    for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                  "num_attention_heads", "num_key_value_heads", "head_dim", "sliding_window",
-                  "vocab_size_per_layer_input", "hidden_size_per_layer_input", "num_kv_shared_layers",
-                  "use_double_wide_mlp", "final_logit_softcapping"):
+    for field in (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "sliding_window",
+        "vocab_size_per_layer_input",
+        "hidden_size_per_layer_input",
+        "num_kv_shared_layers",
+        "use_double_wide_mlp",
+        "final_logit_softcapping",
+    ):
         assert d[field] == getattr(TINY, field), field
     assert list(cfg.layer_types) == list(TINY.layer_types)
     # transformers 5.23 folds global_head_dim into per-layer overrides of the full layers
@@ -128,8 +139,12 @@ def test_transformers_loads_sharded_checkpoint(tiny_sharded: Path) -> None:
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     state = model.state_dict()
     ours = open_checkpoint(tiny_sharded)
-    for name in ("model.embed_tokens_per_layer.weight", "model.layers.2.self_attn.q_norm.weight",
-                 "model.layers.5.layer_scalar", "model.layers.3.mlp.up_proj.weight"):
+    for name in (
+        "model.embed_tokens_per_layer.weight",
+        "model.layers.2.self_attn.q_norm.weight",
+        "model.layers.5.layer_scalar",
+        "model.layers.3.mlp.up_proj.weight",
+    ):
         np.testing.assert_array_equal(state[name].numpy(), read_tensor(ours[name]))
 
 
@@ -157,8 +172,9 @@ def test_well_conditioned_tiny(tiny_sharded: Path) -> None:
 
 
 def test_well_conditioned_wide_heads(tmp_path: Path) -> None:
-    spec = TINY.replace(head_dim=256, global_head_dim=512, hidden_size=256, num_attention_heads=2,
-                        intermediate_size=256)
+    spec = TINY.replace(
+        head_dim=256, global_head_dim=512, hidden_size=256, num_attention_heads=2, intermediate_size=256
+    )
     folder = synth_checkpoint(spec, tmp_path)
     good = _logit_rel_error(folder, spec.vocab_size)
     assert good < 1e-4
