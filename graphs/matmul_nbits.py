@@ -18,11 +18,9 @@ from __future__ import annotations
 import onnx_ir as ir
 from onnx_ir.passes import InPlacePass, PassResult
 
-from graphs.patterns import transposed_initializer
+from graphs.patterns import MS_DOMAIN, replace_node, transposed_initializer
 from graphs.recipe import QuantRecipe, bits_of
 from graphs.weight_plan import quantized_inputs
-
-MS_DOMAIN = "com.microsoft"
 
 
 def linear_weights(graph: ir.Graph) -> dict[str, list[tuple[ir.Node, ir.Node | None]]]:
@@ -97,7 +95,7 @@ class LinearToMatMulNBits(InPlacePass):
                     name=f"{name}/MatMulNBits",
                     outputs=[ir.Value(name=f"{linear.outputs[0].name}.nbits")],
                 )
-                _replace(graph, linear, node)
+                replace_node(graph, linear, node)
                 if transpose is not None and id(transpose) not in removed and not transpose.outputs[0].uses():
                     graph.remove(transpose, safe=True)
                     removed.add(id(transpose))
@@ -133,18 +131,4 @@ class LinearToMatMulNBits(InPlacePass):
                 name=f"{weight.name}/GatherBlockQuantized",
                 outputs=[ir.Value(name=f"{gather.outputs[0].name}.gbq")],
             )
-            _replace(graph, gather, node)
-
-
-def _replace(graph: ir.Graph, old_node: ir.Node, new_node: ir.Node) -> None:
-    """Put `new_node` where `old_node` was; its single output takes over the old one's uses (and
-    its public name, if it was a graph output)."""
-    graph.insert_before(old_node, new_node)
-    old, new = old_node.outputs[0], new_node.outputs[0]
-    new.shape, new.type = old.shape, old.type
-    was_output, name = old.is_graph_output(), old.name
-    old.replace_all_uses_with(new, replace_graph_outputs=True)
-    if was_output:
-        old.name = f"{name}.replaced"
-        new.name = name
-    graph.remove(old_node, safe=True)
+            replace_node(graph, gather, node)

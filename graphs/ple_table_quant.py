@@ -15,7 +15,7 @@ from __future__ import annotations
 import onnx_ir as ir
 from onnx_ir.passes import InPlacePass, PassResult
 
-from graphs.matmul_nbits import MS_DOMAIN, _replace
+from graphs.patterns import MS_DOMAIN, replace_node
 from graphs.recipe import QuantRecipe, bits_of
 from graphs.weight_plan import quantized_inputs
 
@@ -61,7 +61,7 @@ class PleTableToGatherBlockQuantized(InPlacePass):
                 name=f"{TABLE}/GatherBlockQuantized",
                 outputs=[ir.Value(name=f"{gather.outputs[0].name}.gbq")],
             )
-            _replace(graph, gather, node)
+            replace_node(graph, gather, node)
             # the lookup's output now has the scales' element type
             node.outputs[0].type = scales.type if scales is not None else None
         graph.initializers.pop(TABLE)

@@ -21,9 +21,9 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import InPlacePass, PassResult
 
+from graphs.patterns import MS_DOMAIN, take_over
 from graphs.weight_plan import BlockQuant, plan_of, register_planned
 
-MS_DOMAIN = "com.microsoft"
 _ATTRS = ("K", "bits", "block_size", "accuracy_level")
 
 
@@ -121,13 +121,7 @@ class MergeSiblingMatMulNBits(InPlacePass):
         )
         graph.insert_before(first, [merged, split_sizes, split])
         for node, new in zip(nodes, split.outputs, strict=True):
-            old = node.outputs[0]
-            new.shape, new.type = old.shape, old.type
-            was_output, old_name = old.is_graph_output(), old.name
-            old.replace_all_uses_with(new, replace_graph_outputs=True)
-            if was_output:
-                old.name = f"{old_name}.replaced"
-                new.name = old_name
+            take_over(node.outputs[0], new)
             weights = [v for v in node.inputs[1:] if v is not None]
             graph.remove(node, safe=True)
             for w in weights:
