@@ -224,8 +224,8 @@ def _worker(config: dict[str, Any]) -> dict[str, Any]:
     result["memory_after_load"] = memory.memory_split(files)
     result["ple_mapped_rss_after_load"] = memory.mapped_rss(ple_path)
     result["page_cache_pages_after_load"] = memory.page_cache_pages(ple_path)[0]
-    if cold:  # a fault reads the faulting page, not the kernel's read-around window
-        result["madv_random_mappings"] = memory.advise_random(ple_path)
+    if cold:  # BundleSession advised MADV_RANDOM: a fault reads its page, not a read-around window
+        result["madv_random_mappings"] = session.ple_advised
     lookup = _Timed(session.per_layer_inputs)
     setattr(session, "per_layer_inputs", lookup)  # noqa: B010  instance attribute shadows the method
     anon_peak = memory.anonymous_bytes()

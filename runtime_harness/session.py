@@ -147,13 +147,15 @@ class BundleSession:
             for d in self._dec_outputs
             if d["role"] in ("present_key", "present_value")
         }
-        for role in ("input_ids", "per_layer_inputs", "position_ids"):
-            self._by_role(role)
-        # format 1 bundles have no logits_positions input: their decoder returns every position's logits
-        self._logits_positions = next(
-            (d["name"] for d in self._dec_inputs if d["role"] == "logits_positions"), None
+        # names by role, looked up once here rather than on every step
+        roles = {d["role"]: d["name"] for d in self._dec_inputs if "layer" not in d}
+        self._ids, self._pli, self._positions = (
+            roles[r] for r in ("input_ids", "per_layer_inputs", "position_ids")
         )
-        next(d["name"] for d in self._dec_outputs if d["role"] == "logits")
+        # format 1 bundles have no logits_positions input: their decoder returns every position's logits
+        self._logits_positions: str | None = roles.get("logits_positions")
+        self._output_names = [d["name"] for d in self._dec_outputs]
+        self._logits = next(d["name"] for d in self._dec_outputs if d["role"] == "logits")
         for d in self._dec_inputs:
             if d["role"] in ("past_key", "past_value"):
                 _, heads, _, head_dim = d["shape"]
@@ -161,9 +163,6 @@ class BundleSession:
                     raise ValueError(f"{d['name']}: dtype or shape unusable")
         self.eos_ids = set(self.manifest["generation"]["eos_token_ids"])
         self._embedder_ids = next(d["name"] for d in graphs["embedder"]["inputs"] if d["role"] == "input_ids")
-
-    def _by_role(self, role: str) -> str:
-        return next(d["name"] for d in self._dec_inputs if d["role"] == role)
 
     def new_cache(self, batch: int) -> KVCache:
         tensors = {}
@@ -184,16 +183,15 @@ class BundleSession:
         b, s = input_ids.shape
         positions = np.broadcast_to(np.arange(cache.position, cache.position + s, dtype=np.int64), (b, s))
         feeds: dict[str, Any] = {
-            self._by_role("input_ids"): input_ids,
-            self._by_role("per_layer_inputs"): self.per_layer_inputs(input_ids),
-            self._by_role("position_ids"): np.ascontiguousarray(positions),
+            self._ids: input_ids,
+            self._pli: self.per_layer_inputs(input_ids),
+            self._positions: np.ascontiguousarray(positions),
             **cache.tensors,
         }
         if self._logits_positions is not None:
             feeds[self._logits_positions] = np.array([s - 1] if last_only else range(s), dtype=np.int64)
-        names = [d["name"] for d in self._dec_outputs]
-        past = next(iter(cache.tensors.values())).shape[2] if cache.tensors else 0
-        if b > 1 and s > 1 and past > 0:
+        names = self._output_names
+        if b > 1 and s > 1 and cache.position > 0:
             # onnxruntime's GroupQueryAttention takes S > 1 new tokens over a non-empty cache (a
             # chunked prefill) for one batch row at a time: run the rows one by one
             def row(r: int) -> dict[str, Any]:  # logits_positions has no batch axis
@@ -208,7 +206,7 @@ class BundleSession:
             self._present_to_past[n]: v for n, v in outputs.items() if n in self._present_to_past
         }
         cache.position += s
-        logits = outputs[next(d["name"] for d in self._dec_outputs if d["role"] == "logits")]
+        logits = outputs[self._logits]
         return logits[:, -1:] if last_only and self._logits_positions is None else logits
 
     def generate(self, prompt: np.ndarray, max_new_tokens: int, stop_at_eos: bool = True) -> Generation:
