@@ -7,20 +7,18 @@ from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
-import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from exporter.gemma4 import RMSNorm, rotate_half
-from exporter.quantize import quantize_bundle
 from graphs.cleanup import clean, hidden_initializer_values, op_counts
 from graphs.matmul_nbits import LinearToMatMulNBits, linear_weights
 from graphs.recipe import QuantRecipe
 from graphs.weight_plan import PLAN, plan_of
 from tests.conftest import VARIANTS
-from tests.graphs.decoder_feeds import decoder_feeds
+from tests.graphs.helpers import decoder_feeds, export_module, unoptimized_session
 
 
 class Attn(nn.Module):
@@ -48,26 +46,7 @@ class Attn(nn.Module):
 def _export(module: nn.Module) -> ir.Model:
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
     ids = torch.zeros(2, 3, dtype=torch.int64)
-    program = torch.onnx.export(
-        module.eval(),
-        (ids, ids.clone()),
-        dynamo=True,
-        dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}),
-        opset_version=18,
-        optimize=False,
-        verbose=False,
-    )
-    assert program is not None
-    model = program.model
-    model.ir_version = 10
-    return model
-
-
-def _session(proto: bytes | str) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    opts.intra_op_num_threads = 1
-    return ort.InferenceSession(proto, opts, providers=["CPUExecutionProvider"])
+    return export_module(module, (ids, ids.clone()), ({0: batch, 1: seq}, {0: batch, 1: seq}))
 
 
 IDS = np.array([[1, 5, 7, 39], [0, 3, 3, 2]], dtype=np.int64)
@@ -77,7 +56,7 @@ POS = np.array([[0, 1, 2, 3], [4, 5, 6, 7]], dtype=np.int64)
 def _run(model: ir.Model) -> np.ndarray:
     proto = ir.serde.serialize_model(model).SerializeToString()
     names = [v.name for v in model.graph.inputs]
-    return _session(proto).run(None, dict(zip(names, (IDS, POS), strict=True)))[0]
+    return unoptimized_session(proto).run(None, dict(zip(names, (IDS, POS), strict=True)))[0]
 
 
 def _weight_transposes(model: ir.Model) -> list[str]:
@@ -213,18 +192,12 @@ def test_new_constants_are_nodes_not_initializers() -> None:
 # loaded with their external data, cleaned, saved elsewhere: same logits and KV under onnxruntime.
 
 
-@pytest.fixture(scope="module")
-def int4_bundle(bundles: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("cleanup") / "tiny_int4"
-    return quantize_bundle(bundles["tiny"], out, QuantRecipe()).out_dir
-
-
 @pytest.mark.parametrize("variant", [*VARIANTS, "tiny_int4"])
 def test_bundle_decoder_same_outputs(
     variant: str, bundles: dict[str, Path], int4_bundle: Path, tmp_path: Path
 ) -> None:
     bundle = int4_bundle if variant == "tiny_int4" else bundles[variant]
-    session = _session(str(bundle / "decoder.onnx"))
+    session = unoptimized_session(str(bundle / "decoder.onnx"))
     feeds = decoder_feeds(session)
     before = session.run(None, feeds)
     model = ir.load(bundle / "decoder.onnx")
@@ -250,6 +223,6 @@ def test_bundle_decoder_same_outputs(
     out = tmp_path / "cleaned"
     out.mkdir()
     ir.save(model, out / "decoder.onnx", external_data="decoder.data")
-    after = _session(str(out / "decoder.onnx")).run(None, feeds)
+    after = unoptimized_session(str(out / "decoder.onnx")).run(None, feeds)
     for b, a in zip(before, after, strict=True):
         np.testing.assert_array_equal(a, b)  # the same kernels on the same numbers

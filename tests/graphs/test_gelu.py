@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
-import onnxruntime as ort
 import torch
 import torch.nn.functional as F
 
 from graphs.cleanup import clean
 from graphs.fusions.gelu import fuse_gelu
+from tests.graphs.helpers import run_unoptimized
 
 
 class _Mlp(torch.nn.Module):
@@ -23,10 +23,7 @@ class _Mlp(torch.nn.Module):
 
 
 def _run(model: ir.Model, x: np.ndarray) -> np.ndarray:
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    data = ir.serde.serialize_model(model).SerializeToString()
-    return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    return run_unoptimized(model, {"x": x})[0]
 
 
 def test_tanh_gelu_becomes_fast_gelu() -> None:

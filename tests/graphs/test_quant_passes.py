@@ -7,23 +7,15 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
-import onnxruntime as ort
 import pytest
 
 from graphs.matmul_nbits import LinearToMatMulNBits
 from graphs.ple_table_quant import PleTableToGatherBlockQuantized
 from graphs.quant.blockwise import dequantize_blockwise, quantize_blockwise
 from graphs.recipe import QuantRecipe
+from tests.graphs.helpers import run_unoptimized
 
 RNG = np.random.default_rng(0)
-
-
-def _run(model: ir.Model, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    proto = ir.serde.serialize_model(model)
-    sess = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    return sess.run(None, feeds)
 
 
 def _init(graph_inits: list[ir.Value], name: str, array: np.ndarray) -> ir.Value:
@@ -81,7 +73,7 @@ def test_linears_become_matmul_nbits(quant: str, symmetric: bool) -> None:
         "l2": RNG.normal(0, 0.1, (64, 96)).astype(np.float32),
     }
     x = RNG.normal(0, 1, (2, 3, 64)).astype(np.float32)
-    before = _run(linear_model(weights), {"x": x})[0]
+    before = run_unoptimized(linear_model(weights), {"x": x})[0]
 
     model = linear_model(weights)
     recipe = QuantRecipe(weights=quant, block_size=32, symmetric=symmetric, accuracy_level=0)
@@ -89,10 +81,10 @@ def test_linears_become_matmul_nbits(quant: str, symmetric: bool) -> None:
     assert result.modified
     assert _ops(model) == ["MatMulNBits", "MatMulNBits"]  # no Transpose, no float MatMul left
     assert "l1" not in model.graph.initializers  # the float weight is gone
-    after = _run(model, {"x": x})[0]
+    after = run_unoptimized(model, {"x": x})[0]
 
     dq = {n: _dequantized(w, bits, 32, symmetric) for n, w in weights.items()}
-    expected = _run(linear_model(dq), {"x": x})[0]
+    expected = run_unoptimized(linear_model(dq), {"x": x})[0]
     np.testing.assert_allclose(after, expected, rtol=1e-4, atol=1e-5)
     rel = np.linalg.norm(after - before) / np.linalg.norm(before)
     assert rel < (0.15 if bits == 4 else 0.02), rel
@@ -107,9 +99,9 @@ def test_tied_embedding_is_quantized_once_for_lookup_and_head() -> None:
     model = linear_model(weights, tied=emb)
     LinearToMatMulNBits(QuantRecipe(weights="int4", block_size=32, symmetric=True, accuracy_level=0))(model)
     assert _ops(model) == ["Add", "GatherBlockQuantized", "MatMulNBits", "MatMulNBits"]
-    after = _run(model, {"x": x, "ids": ids})[0]
+    after = run_unoptimized(model, {"x": x, "ids": ids})[0]
     dq = _dequantized(emb, 4, 32, True)
-    expected = _run(
+    expected = run_unoptimized(
         linear_model({"l1": _dequantized(weights["l1"], 4, 32, True)}, tied=dq), {"x": x, "ids": ids}
     )[0]
     np.testing.assert_allclose(after, expected, rtol=1e-4, atol=1e-5)
@@ -166,12 +158,12 @@ def _ple_embedder(table: np.ndarray) -> ir.Model:
 def test_ple_table_becomes_gather_block_quantized(ple: str, block: int, bits: int) -> None:
     table = RNG.normal(0, 0.5, (256, 4 * 64)).astype(np.float32)  # 4 layers x PLE width 64
     ids = RNG.integers(0, 256, (2, 5))
-    before = _run(_ple_embedder(table), {"input_ids": ids})[0]
+    before = run_unoptimized(_ple_embedder(table), {"input_ids": ids})[0]
     model = _ple_embedder(table)
     quant = PleTableToGatherBlockQuantized(QuantRecipe(ple=ple), ple_dim=64)
     assert quant(model).modified and quant.block_size == block
     assert _ops(model) == ["Cast", "GatherBlockQuantized"]
-    after = _run(model, {"input_ids": ids})[0]
+    after = run_unoptimized(model, {"input_ids": ids})[0]
     expected = _dequantized(table, bits, block, True)[ids]
     np.testing.assert_array_equal(after, expected)
     rel = np.linalg.norm(after - before) / np.linalg.norm(before)
@@ -191,4 +183,4 @@ def test_a_float_bundles_gemm_head_becomes_matmul_nbits() -> None:
     LinearToMatMulNBits(QuantRecipe(weights="int8", block_size=32, symmetric=True, accuracy_level=0))(model)
     assert _ops(model) == ["MatMulNBits"] and model.graph.outputs[0].name == "logits"
     expected = xs @ _dequantized(emb, 8, 32, True).T
-    np.testing.assert_allclose(_run(model, {"x": xs})[0], expected, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(run_unoptimized(model, {"x": xs})[0], expected, rtol=1e-4, atol=1e-5)

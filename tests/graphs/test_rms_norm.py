@@ -8,18 +8,15 @@ from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
-import onnxruntime as ort
 import pytest
 import torch
 from torch import nn
 
 from exporter.gemma4 import Gemma4Decoder, RMSNorm
-from exporter.quantize import quantize_bundle
 from graphs.cleanup import clean, op_counts
 from graphs.fusions.rms_norm import SLN, fuse_rms_norm
-from graphs.recipe import QuantRecipe
 from tests.conftest import VARIANTS
-from tests.graphs.decoder_feeds import decoder_feeds
+from tests.graphs.helpers import decoder_feeds, export_module, run_unoptimized, unoptimized_session
 
 EPS = 1e-6
 
@@ -66,31 +63,11 @@ class SqrtNorm(nn.Module):
 
 def _export(module: nn.Module, x: torch.Tensor) -> ir.Model:
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
-    program = torch.onnx.export(
-        module.eval(),
-        (x,),
-        dynamo=True,
-        dynamic_shapes=({0: batch, 1: seq},),
-        opset_version=18,
-        optimize=False,
-        verbose=False,
-    )
-    assert program is not None
-    model = program.model
-    model.ir_version = 10
-    return model
-
-
-def _session(proto: bytes | str) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    opts.intra_op_num_threads = 1
-    return ort.InferenceSession(proto, opts, providers=["CPUExecutionProvider"])
+    return export_module(module, (x,), ({0: batch, 1: seq},))
 
 
 def _run(model: ir.Model, x: np.ndarray) -> np.ndarray:
-    proto = ir.serde.serialize_model(model).SerializeToString()
-    return _session(proto).run(None, {model.graph.inputs[0].name: x})[0]
+    return run_unoptimized(model, {model.graph.inputs[0].name: x})[0]
 
 
 def _n_norms(module: nn.Module) -> int:
@@ -219,21 +196,15 @@ def test_never_reads_an_initializer() -> None:
 def _bundle_before_after(
     bundle: Path, out: Path, passes: Callable[[ir.Model], object]
 ) -> tuple[ir.Model, list[np.ndarray], list[np.ndarray]]:
-    before_session = _session(str(bundle / "decoder.onnx"))
+    before_session = unoptimized_session(str(bundle / "decoder.onnx"))
     feeds = decoder_feeds(before_session)
     before = before_session.run(None, feeds)
     model = ir.load(bundle / "decoder.onnx")
     passes(model)
     out.mkdir()
     ir.save(model, out / "decoder.onnx", external_data="decoder.data")
-    after = _session(str(out / "decoder.onnx")).run(None, feeds)
+    after = unoptimized_session(str(out / "decoder.onnx")).run(None, feeds)
     return model, before, after
-
-
-@pytest.fixture(scope="module")
-def int4_bundle(bundles: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("rms_norm") / "tiny_int4"
-    return quantize_bundle(bundles["tiny"], out, QuantRecipe()).out_dir
 
 
 @pytest.mark.parametrize("variant", [*VARIANTS, "tiny_int4"])

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
-import onnxruntime as ort
 import pytest
 
 from exporter.layout import DataFileWriter
@@ -16,17 +15,10 @@ from exporter.plan_writer import TensorReport, write_initializers
 from graphs.matmul_nbits import LinearToMatMulNBits
 from graphs.recipe import QuantRecipe
 from graphs.sibling_matmul_nbits import MergeSiblingMatMulNBits
+from tests.graphs.helpers import run_unoptimized
 
 RNG = np.random.default_rng(1)
 K = 64
-
-
-def _run(model: ir.Model, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    proto = ir.serde.serialize_model(model)
-    sess = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    return sess.run(None, feeds)
 
 
 def siblings_model(sizes: dict[str, int], k: int = K) -> tuple[ir.Model, dict[str, np.ndarray]]:
@@ -63,7 +55,7 @@ def test_siblings_become_one_matmul_nbits(symmetric: bool) -> None:
         "x": RNG.standard_normal((2, 3, K)).astype(np.float32),
         "y": RNG.standard_normal((2, 3, K)).astype(np.float32),
     }
-    before = _run(model, feeds)
+    before = run_unoptimized(model, feeds)
     assert _ops(model).count("MatMulNBits") == 4
 
     merge = MergeSiblingMatMulNBits()
@@ -74,7 +66,7 @@ def test_siblings_become_one_matmul_nbits(symmetric: bool) -> None:
     assert merge.merged == [["wq/MatMulNBits", "wk/MatMulNBits", "wv/MatMulNBits"]]
     node = next(n for n in model.graph if n.op_type == "MatMulNBits" and n.attributes.get_int("N") == 192)
     assert len(node.inputs) == (3 if symmetric else 4)
-    after = _run(model, feeds)
+    after = run_unoptimized(model, feeds)
     assert [o.name for o in model.graph.outputs] == ["wq_out", "wk_out", "wv_out", "lonely_out"]
     for a, b in zip(after, before, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
-import onnxruntime as ort
 import torch
 
 from exporter.gemma4 import RMSNorm
 from graphs.cleanup import clean
 from graphs.fusions.rms_norm import fuse_rms_norm
 from graphs.fusions.skip_rms_norm import fuse_skip_rms_norm
+from tests.graphs.helpers import run_unoptimized
 
 
 class _Residual(torch.nn.Module):
@@ -27,13 +27,6 @@ class _Residual(torch.nn.Module):
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         s = x + self.post_norm(y)
         return self.next_norm(s), s
-
-
-def _run(model: ir.Model, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    data = ir.serde.serialize_model(model).SerializeToString()
-    return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"]).run(None, feeds)
 
 
 def test_residual_add_and_norm_become_one_node() -> None:
@@ -52,14 +45,14 @@ def test_residual_add_and_norm_become_one_node() -> None:
     feeds = {n: rng.normal(size=(2, 3, 16)).astype(np.float32) for n in ("x", "y")}
     clean(model)
     assert fuse_rms_norm(model) == 2
-    before = _run(model, feeds)
+    before = run_unoptimized(model, feeds)
 
     assert fuse_skip_rms_norm(model) == 1
 
     ops = [n.op_type for n in model.graph]
     assert ops.count("SkipSimplifiedLayerNormalization") == 1 and "Add" not in ops
     assert ops.count("SimplifiedLayerNormalization") == 1  # post_norm stays
-    after = _run(model, feeds)
+    after = run_unoptimized(model, feeds)
     for a, b in zip(after, before, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 

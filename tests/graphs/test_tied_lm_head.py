@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
-import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from graphs.tied_lm_head import TiedLmHeadToGemm
+from tests.graphs.helpers import export_module, run_unoptimized
 
 
 class TiedLM(nn.Module):
@@ -27,27 +27,12 @@ class TiedLM(nn.Module):
 
 def _export(module: nn.Module) -> ir.Model:
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
-    program = torch.onnx.export(
-        module,
-        (torch.zeros(2, 3, dtype=torch.int64),),
-        dynamo=True,
-        dynamic_shapes=({0: batch, 1: seq},),
-        optimize=False,
-        verbose=False,
-    )
-    assert program is not None
-    model = program.model
-    model.ir_version = 10
-    return model
+    ids = torch.zeros(2, 3, dtype=torch.int64)
+    return export_module(module, (ids,), ({0: batch, 1: seq},), opset_version=None)
 
 
 def _run(model: ir.Model, ids: np.ndarray) -> np.ndarray:
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    proto = ir.serde.serialize_model(model)
-    return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"]).run(
-        None, {model.graph.inputs[0].name: ids}
-    )[0]
+    return run_unoptimized(model, {model.graph.inputs[0].name: ids})[0]
 
 
 def _transposed_initializers(model: ir.Model) -> list[str]:
