@@ -135,6 +135,19 @@ def _dtype(dtype: str) -> tuple[str, str, Any]:
     return DTYPES[dtype]
 
 
+def write_hf_configs(spec: Gemma4Spec, out_dir: Path, torch_dtype: str) -> None:
+    """config.json and generation_config.json of a checkpoint of `spec`, as HF writes them."""
+    cfg = spec.to_hf_config()
+    cfg["torch_dtype"] = torch_dtype
+    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    gen = {
+        "bos_token_id": spec.bos_token_id,
+        "eos_token_id": spec.hf_eos_token_id,
+        "pad_token_id": spec.pad_token_id,
+    }
+    (out_dir / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+
+
 def synth_checkpoint(
     spec: Gemma4Spec,
     out_dir: Path,
@@ -155,15 +168,7 @@ def synth_checkpoint(
     rules = {name: init_rule(name, shape, spec) for name, shape in shapes.items()}  # fail before writing
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    cfg = spec.to_hf_config()
-    cfg["torch_dtype"] = torch_name
-    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    gen = {
-        "bos_token_id": spec.bos_token_id,
-        "eos_token_id": spec.hf_eos_token_id,
-        "pad_token_id": spec.pad_token_id,
-    }
-    (out_dir / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    write_hf_configs(spec, out_dir, torch_name)
 
     jobs = [
         (name, k)

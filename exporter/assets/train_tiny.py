@@ -44,7 +44,7 @@ import torch
 
 from exporter.safetensors_io import SafetensorsWriter
 from exporter.spec import Gemma4Spec, get_preset
-from exporter.synth import chunk_rows, generate_chunk, init_rule
+from exporter.synth import chunk_rows, generate_chunk, init_rule, write_hf_configs
 from exporter.weights import hf_weight_shapes
 
 ASSET_DIR = Path(__file__).resolve().parent / "tiny_trained"
@@ -287,15 +287,7 @@ def train(model: Any, train_ids: list[int], steps: int, seed: int, log: bool = T
 
 def save_checkpoint(model: Any, spec: Gemma4Spec, out: Path) -> None:
     """config.json, generation_config.json and model.safetensors (bf16) in the HF layout."""
-    cfg = spec.to_hf_config()
-    cfg["torch_dtype"] = "bfloat16"
-    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    gen = {
-        "bos_token_id": spec.bos_token_id,
-        "eos_token_id": spec.hf_eos_token_id,
-        "pad_token_id": spec.pad_token_id,
-    }
-    (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    write_hf_configs(spec, out, "bfloat16")
     state = model.state_dict()
     shapes = hf_weight_shapes(spec)
     with SafetensorsWriter(out, [(n, SAVE_DTYPE, s) for n, s in shapes.items()]) as writer:
