@@ -83,10 +83,18 @@ SETTLE_S = 0.5  # idle gap before each child: lets page cache writeback / other 
 BW_BYTES = 1 << 30
 BW_PASSES = 7
 ROOT = Path(__file__).resolve().parents[1]
-ENGINES = ("int4", "int4-b32", "int4-b128", "fp32", "transformers", "peer")
-ONNX_ENGINES = ("int4", "int4-b32", "int4-b128", "fp32", "peer")
-BUNDLE_ENGINES = ("int4", "int4-b32", "int4-b128", "fp32")
-OURS_INT4 = ("int4", "int4-b32", "int4-b128")
+# our bundles: engine -> QuantRecipe arguments (None: QuantRecipe.none()); plain data, as this file
+# must import without our package (the measuring middleman runs it with `python -S -E`)
+BUNDLE_RECIPES: dict[str, dict[str, object] | None] = {
+    "int4": {},  # the default recipe
+    "int4-b32": {"block_size": 32, "symmetric": True},  # the peer's recipe, like for like
+    "int4-b128": {"block_size": 128},  # the fast option (docs/quantization.md)
+    "fp32": None,
+}
+BUNDLE_ENGINES = tuple(BUNDLE_RECIPES)
+OURS_INT4 = tuple(e for e in BUNDLE_ENGINES if e.startswith("int4"))
+ONNX_ENGINES = (*BUNDLE_ENGINES, "peer")
+ENGINES = (*BUNDLE_ENGINES, "transformers", "peer")
 # (op, input index) that read only a few rows of an initializer per token; None: any input
 ROW_READERS: dict[str, set[int] | None] = {
     "Gather": None,
@@ -494,12 +502,8 @@ def prepare_bundle(
     from exporter.manifest import FORMAT_VERSION
     from graphs.recipe import QuantRecipe
 
-    recipe = {
-        "int4": QuantRecipe(),
-        "int4-b32": QuantRecipe(block_size=32, symmetric=True),  # the peer's recipe, like for like
-        "int4-b128": QuantRecipe(block_size=128),  # the fast option (docs/quantization.md)
-        "fp32": QuantRecipe.none(),
-    }[recipe_name]
+    args = BUNDLE_RECIPES[recipe_name]
+    recipe = QuantRecipe.none() if args is None else QuantRecipe(**args)  # type: ignore[arg-type]
     key = hashlib.sha256(json.dumps([recipe.to_dict(), FORMAT_VERSION]).encode()).hexdigest()[:8]
     bundle = workdir.expanduser() / f"{ckpt.resolve().name}-{_checkpoint_key(ckpt)}" / f"{recipe_name}-{key}"
     if rebuild or not (bundle / "manifest.json").is_file():
