@@ -10,10 +10,10 @@ the peer's model folder and its venv; `--checkpoint /work/peers/ckpt/tiny` with
 
 Engines, each run in its OWN fresh subprocess per repeat (load once, a cold run, then a warm run):
 
-    int4          our bundle, default recipe (`QuantRecipe()`: int4 MatMulNBits block 64 with zero
+    int4          our bundle, default recipe (`QuantRecipe()`: int4 MatMulNBits block 128 with zero
                   points, accuracy 4, int8 PLE table via GatherBlockQuantized), `BundleSession`
     int4-b32      our bundle with the peer's recipe (block 32 symmetric): the like-for-like ratio
-    int4-b128     our bundle with `--block-size 128` (asymmetric): the fast option
+    int4-b64      our bundle with `--block-size 64` (asymmetric): the higher-quality option
     fp32          our bundle, `QuantRecipe.none()`
     transformers  `Gemma4ForCausalLM`, fp32, eager attention, DynamicCache, `logits_to_keep=1`
                   (what `generate()` does: the prefill computes the last position's logits only,
@@ -88,7 +88,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BUNDLE_RECIPES: dict[str, dict[str, object] | None] = {
     "int4": {},  # the default recipe
     "int4-b32": {"block_size": 32, "symmetric": True},  # the peer's recipe, like for like
-    "int4-b128": {"block_size": 128},  # the fast option (docs/quantization.md)
+    "int4-b64": {"block_size": 64},  # the higher-quality option (docs/quantization.md)
     "fp32": None,
 }
 BUNDLE_ENGINES = tuple(BUNDLE_RECIPES)
@@ -683,8 +683,8 @@ def main() -> int:
     )
     p.add_argument(
         "--engines",
-        default="int4,int4-b32,int4-b128,fp32,transformers,peer",
-        help="comma list out of int4,int4-b32,int4-b128,fp32,transformers,peer (peer needs --peer-genai)",
+        default="int4,int4-b32,int4-b64,fp32,transformers,peer",
+        help="comma list out of int4,int4-b32,int4-b64,fp32,transformers,peer (peer needs --peer-genai)",
     )
     p.add_argument("--repeats", type=int, default=3, help="fresh subprocesses per engine, round-robin")
     p.add_argument("--threads", type=int, default=2)
