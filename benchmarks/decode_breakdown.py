@@ -113,7 +113,8 @@ def main() -> None:
         time.sleep(0.1)
         return statistics.median(times)
 
-    full, rest = [], []
+    full: list[float] = []
+    rest: list[float] = []
     for r in range(args.rounds):
         order = [(session.decoder, full), (stripped, rest)]
         for decoder, out in order if r % 2 == 0 else order[::-1]:
