@@ -4,8 +4,8 @@
     -> merge sibling MatMulNBits
     -> float tied head as Gemm
 
-Attention (GroupQueryAttention) and RoPE (RotaryEmbedding) are not passes: the exporter's module
-emits them at trace time (`exporter/gemma4.py`).
+Attention (written out as grouped MatMuls) and RoPE (RotaryEmbedding) are not passes: the
+exporter's module emits them at trace time (`exporter/gemma4.py`).
 """
 
 from __future__ import annotations

@@ -192,8 +192,9 @@ class BundleSession:
             feeds[self._logits_positions] = np.array([s - 1] if last_only else range(s), dtype=np.int64)
         names = self._output_names
         if b > 1 and s > 1 and cache.position > 0:
-            # onnxruntime's GroupQueryAttention takes S > 1 new tokens over a non-empty cache (a
-            # chunked prefill) for one batch row at a time: run the rows one by one
+            # bundles exported with onnxruntime's GroupQueryAttention (before the explicit attention
+            # of exporter/gemma4.py) take S > 1 new tokens over a non-empty cache (a chunked
+            # prefill) one batch row at a time: run the rows one by one (right for any bundle)
             def row(r: int) -> dict[str, Any]:  # logits_positions has no batch axis
                 return {k: v if k == self._logits_positions else v[r : r + 1] for k, v in feeds.items()}
 

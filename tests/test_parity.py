@@ -93,8 +93,8 @@ def test_bundle_chunked_prefill_matches_transformers(
     checkpoints: dict[str, Path], bundles: dict[str, Path]
 ) -> None:
     """A prompt fed in two chunks (12 tokens, then 10 over the non-empty cache, crossing the
-    window) gives the logits of one 22-token pass. onnxruntime's GroupQueryAttention takes such a
-    chunk one batch row at a time; BundleSession splits the batch-2 call."""
+    window) gives the logits of one 22-token pass, batch 2 (bundles exported with onnxruntime's
+    GroupQueryAttention took such a chunk one batch row at a time; BundleSession still splits it)."""
     from transformers import Gemma4ForCausalLM
 
     prompt = torch.randint(
@@ -138,3 +138,25 @@ def test_prefill_computes_only_the_logits_asked_for(bundles: dict[str, Path]) ->
     }
     picked = session.decoder.run(["logits"], feeds)[0]
     np.testing.assert_allclose(picked, every[:, [2, 0]], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["tiny", "nocap"])
+def test_attention_reads_each_cache_once(variant: str, bundles: dict[str, Path]) -> None:
+    """Attention is written out: one Softmax per layer, and the only Concats that read a past input
+    are the KV-owning layers' (one for K, one for V); KV-shared layers attend over their source's
+    present in place, and no layer copies a cache into a GroupQueryAttention present."""
+    import onnx
+
+    from exporter.spec import Gemma4Spec
+
+    spec = VARIANTS[variant]
+    assert isinstance(spec, Gemma4Spec)
+    graph = onnx.load(str(bundles[variant] / "decoder.onnx"), load_external_data=False).graph
+    past = {i.name for i in graph.input if i.name.startswith("past_")}
+    ops = [n.op_type for n in graph.node]
+    assert "GroupQueryAttention" not in ops
+    assert ops.count("Softmax") == spec.num_hidden_layers
+    concat_of_past = [n for n in graph.node if n.op_type == "Concat" and past & set(n.input)]
+    assert len(concat_of_past) == len(past) == 2 * len(spec.kv_layers)
+    if variant == "tiny":  # the tiny preset shares KV: fewer caches than layers
+        assert len(spec.kv_layers) < spec.num_hidden_layers

@@ -45,8 +45,7 @@ def export_module(
 
 
 def decoder_feeds(session: ort.InferenceSession, seq: int = 5, past: int = 3) -> dict[str, np.ndarray]:
-    """One batch row: onnxruntime's GroupQueryAttention takes S > 1 new tokens over a non-empty past
-    one row at a time (BundleSession splits such calls; tests/test_parity.py covers batch 2)."""
+    """One batch row, S new tokens over a past of P (tests/test_parity.py covers batch 2)."""
     rng = np.random.default_rng(0)
     feeds = {}
     for arg in session.get_inputs():

@@ -213,7 +213,7 @@ def test_bundle_decoder_same_outputs(
     for op in ("SplitToSequence", "SequenceAt", "CastLike", "Identity"):
         assert counts[op] == 0, op
     # one Cast to float: the position ids' int64 -> float (one per graph); the others are integer
-    # index plumbing (GroupQueryAttention's int32 lengths, the logits positions)
+    # index plumbing (the attention masks' positions, the logits positions)
     to_float = [
         n for n in model.graph if n.op_type == "Cast" and n.attributes.get_int("to") == ir.DataType.FLOAT
     ]
