@@ -19,7 +19,6 @@ import json
 import statistics
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
@@ -73,50 +72,37 @@ def main() -> None:
     args = ap.parse_args()
 
     session = BundleSession(args.bundle, threads=args.threads, check=False)
+    real = session.decoder
     decoder_file = args.bundle / session.manifest["graphs"]["decoder"]["file"]
     stand_in, replaced = without_matmul_nbits(onnx.load(str(decoder_file), load_external_data=False))
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = args.threads
-    opts.enable_cpu_mem_arena = False  # as BundleSession
-    opts.log_severity_level = 3
+    opts = real.get_session_options()  # BundleSession's own (threads, no arena, ...)
     # the in-memory model's external initializers resolve against the bundle's folder
     opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(args.bundle))
     stripped = ort.InferenceSession(stand_in.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
     vocab = int(session.manifest["model"]["spec"]["vocab_size"])
     prompt = np.random.RandomState(1234).randint(3, vocab, args.prompt_len)[None].astype(np.int64)
-    names = session._output_names
 
     def step_times(decoder: ort.InferenceSession) -> float:
-        """Prefill with the real decoder, then `steps` decode steps timed on `decoder` (the tokens
-        and the cache come from the real model's prefill; the stand-in's presents grow the cache)."""
+        """Prefill with the real decoder, then `steps` decode steps (`BundleSession.forward`, PLE
+        lookup included) on `decoder`; the stand-in's presents grow the cache as the real ones do."""
+        session.decoder = real
         cache = session.new_cache(1)
         token = session.forward(prompt, cache, last_only=True)[:, -1].argmax(-1)[:, None]
+        session.decoder = decoder
         time.sleep(0.1)
         times = []
         for _ in range(args.steps):
-            feeds: dict[str, Any] = {
-                session._ids: token,
-                session._pli: session.per_layer_inputs(token),
-                session._positions: np.array([[cache.position]], np.int64),
-                **cache.tensors,
-            }
-            if session._logits_positions:
-                feeds[session._logits_positions] = np.array([0], np.int64)
             t = time.perf_counter()
-            outputs = dict(zip(names, decoder.run(names, feeds), strict=True))
+            session.forward(token, cache)
             times.append(time.perf_counter() - t)
-            cache.tensors = {
-                session._present_to_past[k]: v for k, v in outputs.items() if k in session._present_to_past
-            }
-            cache.position += 1
         time.sleep(0.1)
         return statistics.median(times)
 
     full: list[float] = []
     rest: list[float] = []
     for r in range(args.rounds):
-        order = [(session.decoder, full), (stripped, rest)]
+        order = [(real, full), (stripped, rest)]
         for decoder, out in order if r % 2 == 0 else order[::-1]:
             out.append(step_times(decoder))
     f, o = statistics.median(full), statistics.median(rest)
