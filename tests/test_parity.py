@@ -142,9 +142,11 @@ def test_prefill_computes_only_the_logits_asked_for(bundles: dict[str, Path]) ->
 
 @pytest.mark.parametrize("variant", ["tiny", "nocap"])
 def test_attention_reads_each_cache_once(variant: str, bundles: dict[str, Path]) -> None:
-    """Attention is written out: one Softmax per layer, and the only Concats that read a past input
-    are the KV-owning layers' (one for K, one for V); KV-shared layers attend over their source's
-    present in place, and no layer copies a cache into a GroupQueryAttention present."""
+    """Attention is written out: no GroupQueryAttention (which copies every cache into a new
+    present, KV-shared layers' included; fails when it comes back, checked), one Softmax per layer,
+    and one Concat per past input (the KV-owning layers' K and V). A KV-shared layer concatenating
+    its source's past and new keys again would not show here: the graph cleanup merges that
+    duplicate Concat into the source's (checked), so the shared layers read it in place anyway."""
     import onnx
 
     from exporter.spec import Gemma4Spec
