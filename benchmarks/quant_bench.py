@@ -10,10 +10,12 @@ the peer's model folder and its venv; `--checkpoint /work/peers/ckpt/tiny` with
 
 Engines, each run in its OWN fresh subprocess per repeat (load once, a cold run, then a warm run):
 
-    int4          our bundle, default recipe (`QuantRecipe()`: int4 MatMulNBits block 128 with zero
-                  points, accuracy 4, int8 PLE table via GatherBlockQuantized), `BundleSession`
+    int4          our bundle, default recipe (`QuantRecipe()`: int4 MatMulNBits block 256 with zero
+                  points and clip search, accuracy 4, int8 PLE table via GatherBlockQuantized),
+                  `BundleSession`
     int4-b32      our bundle with the peer's recipe (block 32 symmetric): the like-for-like ratio
     int4-b64      our bundle with `--block-size 64` (asymmetric): the higher-quality option
+    int4-b128     our bundle with `--block-size 128` (asymmetric, clip search): GPTQ's and AWQ's group
     fp32          our bundle, `QuantRecipe.none()`
     transformers  `Gemma4ForCausalLM`, fp32, eager attention, DynamicCache, `logits_to_keep=1`
                   (what `generate()` does: the prefill computes the last position's logits only,
@@ -87,8 +89,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # must import without our package (the measuring middleman runs it with `python -S -E`)
 BUNDLE_RECIPES: dict[str, dict[str, object] | None] = {
     "int4": {},  # the default recipe
-    "int4-b32": {"block_size": 32, "symmetric": True},  # the peer's recipe, like for like
+    "int4-b32": {"block_size": 32, "symmetric": True, "clip_search": False},  # the peer's recipe (RTN)
     "int4-b64": {"block_size": 64},  # the higher-quality option (docs/quantization.md)
+    "int4-b128": {"block_size": 128},  # GPTQ's and AWQ's group size
     "fp32": None,
 }
 BUNDLE_ENGINES = tuple(BUNDLE_RECIPES)
@@ -683,8 +686,8 @@ def main() -> int:
     )
     p.add_argument(
         "--engines",
-        default="int4,int4-b32,int4-b64,fp32,transformers,peer",
-        help="comma list out of int4,int4-b32,int4-b64,fp32,transformers,peer (peer needs --peer-genai)",
+        default="int4,int4-b32,int4-b128,fp32,transformers,peer",
+        help=f"comma list out of {','.join(ENGINES)} (peer needs --peer-genai)",
     )
     p.add_argument("--repeats", type=int, default=3, help="fresh subprocesses per engine, round-robin")
     p.add_argument("--threads", type=int, default=2)

@@ -59,7 +59,16 @@ def _same_bytes_key(plan: BlockQuant, k: int) -> tuple[object, ...]:
     layouts coincide when K is a multiple of the block (no padding), and always for scales and
     zero points."""
     layout = plan.layout if (plan.part == "data" and k % plan.block_size) else "any"
-    return (plan.source, plan.bits, plan.block_size, plan.symmetric, plan.scales_dtype, plan.part, layout)
+    return (
+        plan.source,
+        plan.bits,
+        plan.block_size,
+        plan.symmetric,
+        plan.scales_dtype,
+        plan.clip_search,
+        plan.part,
+        layout,
+    )
 
 
 def write_initializers(

@@ -76,7 +76,14 @@ class LinearToMatMulNBits(InPlacePass):
                 self.kept[name] = f"no power-of-two block size >= 16 divides K={k}"
                 continue
             data, scales, zp = quantized_inputs(
-                graph, weight, bits, block, self.recipe.symmetric, "matmul_nbits", f"{name}.nbits"
+                graph,
+                weight,
+                bits,
+                block,
+                self.recipe.symmetric,
+                "matmul_nbits",
+                f"{name}.nbits",
+                clip_search=self.recipe.clip_search,
             )
             removed: set[int] = set()
             for linear, transpose in uses:
@@ -118,7 +125,14 @@ class LinearToMatMulNBits(InPlacePass):
         if not gathers:
             return
         data, scales, zp = quantized_inputs(
-            graph, weight, bits, block, self.recipe.symmetric, "gather_block_quantized", f"{weight.name}.gbq"
+            graph,
+            weight,
+            bits,
+            block,
+            self.recipe.symmetric,
+            "gather_block_quantized",
+            f"{weight.name}.gbq",
+            clip_search=self.recipe.clip_search,
         )
         for gather in gathers:
             ids = gather.inputs[1]

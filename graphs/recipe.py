@@ -32,13 +32,16 @@ def bits_of(quant: str) -> int:
 @dataclass(frozen=True)
 class QuantRecipe:
     weights: str = "int4"
-    # int4 block 128 with zero points (4.28 bits a weight; GPTQ's and AWQ's w4 g128): the quality of
-    # block 32 symmetric (the peer's recipe) on the trained tiny model, 14% fewer bytes, and the
-    # fastest decode measured here (MatMulNBits is compute bound on this CPU, and a larger block is
-    # less work per weight); block 64 is the higher-quality option. docs/quantization.md has the numbers
-    block_size: int = 128
+    # int4 block 256 with zero points and clip search (4.14 bits a weight). MatMulNBits' largest
+    # block: the fastest decode measured here (its int8-compute kernel pays per block, so a larger
+    # block is less work per weight; x1.44 the peer's decode where block 128 gave x1.20-1.40 on the
+    # same runs). Clip search brings its weight error down to plain block 128's on the trained
+    # tiny model's weights (and on Gaussian ones), and perplexity and KL with it. Heavy-tailed
+    # weights lose more at block 256: `--block-size 128` (or 64) for those. docs/quantization.md
+    block_size: int = 256
     symmetric: bool = False
     accuracy_level: int = 4  # MatMulNBits' compute type: 4 = int8 compute (2x faster here than 0)
+    clip_search: bool = True  # each block's range shrunk for the least squared error (quant/blockwise.py)
     ple: str = "int8"
     ple_block_size: int | None = None  # None: the PLE width for int8 (one scale per layer slice), 32 for int4
     ple_symmetric: bool = True  # the PLE table's zero points (no measured gain; 1 more byte a block)

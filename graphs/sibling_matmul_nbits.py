@@ -54,6 +54,7 @@ def _merged_input(graph: ir.Graph, values: list[ir.Value], name: str) -> ir.Valu
         first.part,
         first.scales_dtype,
         members,
+        first.clip_search,
     )
     shapes = [v.shape.numpy() for v in values if v.shape is not None]
     shape = (sum(s[0] for s in shapes), *shapes[0][1:])

@@ -44,13 +44,16 @@ class BlockQuant:
     # a merged tensor (graphs/sibling_matmul_nbits.py): its member sources, whose rows follow one
     # another; `source` is then their names joined by "+"
     members: tuple[str, ...] = ()
+    clip_search: bool = False  # each block's range searched for the least error (quant/blockwise.py)
 
     def sources(self) -> tuple[str, ...]:
         """The source tensors streamed, in order."""
         return self.members or (self.source,)
 
     def quantize(self, rows: np.ndarray) -> BlockQuantized:
-        return quantize_blockwise(rows, self.bits, self.block_size, self.symmetric, self.scales_dtype)
+        return quantize_blockwise(
+            rows, self.bits, self.block_size, self.symmetric, self.scales_dtype, self.clip_search
+        )
 
     def pack(self, q: BlockQuantized) -> np.ndarray:
         """This part's bytes for the quantized rows `q` (rows stay rows: chunks concatenate)."""
@@ -107,6 +110,7 @@ def quantized_inputs(
     layout: Layout,
     prefix: str,
     scales_dtype: str = "float32",
+    clip_search: bool = False,
 ) -> list[ir.Value | None]:
     """The (data, scales, zero_points) initializers for quantizing `weight` `[rows, K]`;
     zero_points is None when symmetric."""
@@ -127,7 +131,16 @@ def quantized_inputs(
         if part == "zero_points" and symmetric:
             out.append(None)
             continue
-        plan = BlockQuant(weight.name, bits, block_size, symmetric, layout, part, scales_dtype)  # type: ignore[arg-type]
+        plan = BlockQuant(
+            weight.name,
+            bits,
+            block_size,
+            symmetric,
+            layout,  # type: ignore[arg-type]
+            part,  # type: ignore[arg-type]
+            scales_dtype,
+            clip_search=clip_search,
+        )
         shape, dtype = shapes[part]  # type: ignore[index]
         out.append(planned_initializer(graph, f"{prefix}.{part}", plan, weight, dtype, shape))
     return out

@@ -146,6 +146,13 @@ SymmetricFlag = Annotated[
 PleSymmetricFlag = Annotated[
     bool, typer.Option("--ple-symmetric/--ple-asymmetric", help="PLE table without or with zero points")
 ]
+ClipSearchFlag = Annotated[
+    bool,
+    typer.Option(
+        "--clip-search/--no-clip-search",
+        help="Shrink each block's range to its least-error clip (off: plain round-to-nearest)",
+    ),
+]
 AccuracyFlag = Annotated[
     int, typer.Option(help="MatMulNBits compute type: 0 (fp32), 1, 4 (int8 compute: fastest on CPU)")
 ]
@@ -167,6 +174,7 @@ def _recipe(
     ple_block_size: int | None,
     ple_symmetric: bool,
     keep: str | None,
+    clip_search: bool,
 ) -> Any:
     from graphs.recipe import QuantRecipe, parse_keep
 
@@ -179,6 +187,7 @@ def _recipe(
         ple_block_size=ple_block_size,
         ple_symmetric=ple_symmetric,
         keep=parse_keep(keep),
+        clip_search=clip_search,
     )
 
 
@@ -232,6 +241,7 @@ def export(
     quant: QuantFlag = "int4",
     block_size: BlockFlag = _DEFAULT_RECIPE.block_size,
     symmetric: SymmetricFlag = _DEFAULT_RECIPE.symmetric,
+    clip_search: ClipSearchFlag = _DEFAULT_RECIPE.clip_search,
     accuracy_level: AccuracyFlag = 4,
     ple_quant: PleQuantFlag = "int8",
     ple_block_size: PleBlockFlag = None,
@@ -246,7 +256,15 @@ def export(
         from exporter.export import ExportOptions, export_bundle
 
         recipe = _recipe(
-            quant, block_size, symmetric, accuracy_level, ple_quant, ple_block_size, ple_symmetric, keep
+            quant,
+            block_size,
+            symmetric,
+            accuracy_level,
+            ple_quant,
+            ple_block_size,
+            ple_symmetric,
+            keep,
+            clip_search,
         )
         opts = ExportOptions(
             page_size=_parse_size(page_size, "--page-size"),
@@ -267,6 +285,7 @@ def quantize(
     quant: QuantFlag = "int4",
     block_size: BlockFlag = _DEFAULT_RECIPE.block_size,
     symmetric: SymmetricFlag = _DEFAULT_RECIPE.symmetric,
+    clip_search: ClipSearchFlag = _DEFAULT_RECIPE.clip_search,
     accuracy_level: AccuracyFlag = 4,
     ple_quant: PleQuantFlag = "int8",
     ple_block_size: PleBlockFlag = None,
@@ -281,7 +300,15 @@ def quantize(
         from exporter.quantize import quantize_bundle
 
         recipe = _recipe(
-            quant, block_size, symmetric, accuracy_level, ple_quant, ple_block_size, ple_symmetric, keep
+            quant,
+            block_size,
+            symmetric,
+            accuracy_level,
+            ple_quant,
+            ple_block_size,
+            ple_symmetric,
+            keep,
+            clip_search,
         )
         with _progress(not quiet and not as_json) as progress:
             result = quantize_bundle(bundle, output, recipe, overwrite, progress)
@@ -823,7 +850,8 @@ def _print_summary(summary: dict[str, Any], headline: str | None) -> None:
         if r.get("weights") != "none":  # block and zero points mean nothing for a float decoder
             weights += (
                 f" (block {literal(r.get('block_size'))}, "
-                f"{'symmetric' if r.get('symmetric') else 'asymmetric'}, accuracy level "
+                f"{'symmetric' if r.get('symmetric') else 'asymmetric'}, "
+                f"{'clip search' if r.get('clip_search') else 'round to nearest'}, accuracy level "
                 f"{literal(r.get('accuracy_level'))})"
             )
         out.print(f"recipe: {weights}, PLE table {literal(r.get('ple'))}")

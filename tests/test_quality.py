@@ -16,7 +16,8 @@ from runtime_harness.quality import QualityOptions, compare
 TRAINED = Path(assets.__file__).parent / "tiny_trained"
 OPTS = QualityOptions(TRAINED / "heldout.txt", windows=6, window_tokens=128, greedy_steps=16)
 RECIPES = {
-    "int4": QuantRecipe(),  # the default: int4 block 128 asymmetric decoder + int8 PLE table
+    "int4": QuantRecipe(),  # the default: int4 block 256 asymmetric + clip search, int8 PLE table
+    "int4-b128-rtn": QuantRecipe(block_size=128, clip_search=False),  # the default before clip search
     "int4-b32-sym": QuantRecipe(block_size=32, symmetric=True),  # the peer's recipe
     "int4-b64-asym": QuantRecipe(block_size=64, symmetric=False),  # the higher-quality option
     "int8": QuantRecipe(weights="int8", ple="none"),

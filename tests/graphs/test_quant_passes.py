@@ -57,16 +57,21 @@ def linear_model(weights: dict[str, np.ndarray], tied: np.ndarray | None = None)
     return ir.Model(graph, ir_version=10)
 
 
-def _dequantized(w: np.ndarray, bits: int, block: int, symmetric: bool) -> np.ndarray:
-    return dequantize_blockwise(quantize_blockwise(w, bits, block, symmetric))
+def _dequantized(
+    w: np.ndarray, bits: int, block: int, symmetric: bool, clip_search: bool = True
+) -> np.ndarray:
+    """What the passes store, dequantized (decoder weights: the recipe's clip search, on by default;
+    the PLE table: always round-to-nearest)."""
+    return dequantize_blockwise(quantize_blockwise(w, bits, block, symmetric, clip_search=clip_search))
 
 
 def _ops(model: ir.Model) -> list[str]:
     return sorted(n.op_type for n in model.graph)
 
 
+@pytest.mark.parametrize("clip_search", [True, False], ids=["clip", "rtn"])
 @pytest.mark.parametrize("quant, symmetric", [("int4", True), ("int4", False), ("int8", True)])
-def test_linears_become_matmul_nbits(quant: str, symmetric: bool) -> None:
+def test_linears_become_matmul_nbits(quant: str, symmetric: bool, clip_search: bool) -> None:
     bits = {"int4": 4, "int8": 8}[quant]
     weights = {
         "l1": RNG.normal(0, 0.1, (96, 64)).astype(np.float32),
@@ -76,14 +81,16 @@ def test_linears_become_matmul_nbits(quant: str, symmetric: bool) -> None:
     before = run_unoptimized(linear_model(weights), {"x": x})[0]
 
     model = linear_model(weights)
-    recipe = QuantRecipe(weights=quant, block_size=32, symmetric=symmetric, accuracy_level=0)
+    recipe = QuantRecipe(
+        weights=quant, block_size=32, symmetric=symmetric, accuracy_level=0, clip_search=clip_search
+    )
     result = LinearToMatMulNBits(recipe)(model)
     assert result.modified
     assert _ops(model) == ["MatMulNBits", "MatMulNBits"]  # no Transpose, no float MatMul left
     assert "l1" not in model.graph.initializers  # the float weight is gone
     after = run_unoptimized(model, {"x": x})[0]
 
-    dq = {n: _dequantized(w, bits, 32, symmetric) for n, w in weights.items()}
+    dq = {n: _dequantized(w, bits, 32, symmetric, clip_search) for n, w in weights.items()}
     expected = run_unoptimized(linear_model(dq), {"x": x})[0]
     np.testing.assert_allclose(after, expected, rtol=1e-4, atol=1e-5)
     rel = np.linalg.norm(after - before) / np.linalg.norm(before)
@@ -164,7 +171,7 @@ def test_ple_table_becomes_gather_block_quantized(ple: str, block: int, bits: in
     assert quant(model).modified and quant.block_size == block
     assert _ops(model) == ["Cast", "GatherBlockQuantized"]
     after = run_unoptimized(model, {"input_ids": ids})[0]
-    expected = _dequantized(table, bits, block, True)[ids]
+    expected = _dequantized(table, bits, block, True, clip_search=False)[ids]
     np.testing.assert_array_equal(after, expected)
     rel = np.linalg.norm(after - before) / np.linalg.norm(before)
     assert 1e-6 < rel < (0.15 if bits == 4 else 0.01), rel
