@@ -34,10 +34,11 @@ class QuantRecipe:
     weights: str = "int4"
     # int4 block 256 with zero points and clip search (4.14 bits a weight). MatMulNBits' largest
     # block: the fastest decode measured here (its int8-compute kernel pays per block, so a larger
-    # block is less work per weight; x1.44 the peer's decode where block 128 gave x1.20-1.40 on the
-    # same runs). Clip search brings its weight error down to plain block 128's on the trained
-    # tiny model's weights (and on Gaussian ones), and perplexity and KL with it. Heavy-tailed
-    # weights lose more at block 256: `--block-size 128` (or 64) for those. docs/quantization.md
+    # block is less work per weight): x1.35-1.56 the peer's decode over six runs, where block 128
+    # gave x1.15-1.40 in the same runs. Clip search brings its weight error down to plain block
+    # 128's on the trained tiny model's weights (and on Gaussian ones), and perplexity and KL with
+    # it. Heavy-tailed weights lose more at block 256: `--block-size 128` (or 64) for those.
+    # docs/quantization.md has the numbers
     block_size: int = 256
     symmetric: bool = False
     accuracy_level: int = 4  # MatMulNBits' compute type: 4 = int8 compute (2x faster here than 0)
