@@ -3,6 +3,7 @@ exporter/ and runtime_harness/. Errors a user can fix print one line and exit 2.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -10,6 +11,7 @@ import shutil
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from inspect import Parameter, signature
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -165,29 +167,55 @@ KeepFlag = Annotated[
 ]
 
 
-def _recipe(
-    quant: str,
-    block_size: int,
-    symmetric: bool,
-    accuracy_level: int,
-    ple_quant: str,
-    ple_block_size: int | None,
-    ple_symmetric: bool,
-    keep: str | None,
-    clip_search: bool,
-) -> Any:
-    from graphs.recipe import QuantRecipe, parse_keep
+# the quantization recipe's flags, shared by `export` and `quantize` (see `_with_recipe_flags`)
+_RECIPE_FLAGS: tuple[tuple[str, Any, Any], ...] = (
+    ("quant", QuantFlag, _DEFAULT_RECIPE.weights),
+    ("block_size", BlockFlag, _DEFAULT_RECIPE.block_size),
+    ("symmetric", SymmetricFlag, _DEFAULT_RECIPE.symmetric),
+    ("clip_search", ClipSearchFlag, _DEFAULT_RECIPE.clip_search),
+    ("accuracy_level", AccuracyFlag, _DEFAULT_RECIPE.accuracy_level),
+    ("ple_quant", PleQuantFlag, _DEFAULT_RECIPE.ple),
+    ("ple_block_size", PleBlockFlag, _DEFAULT_RECIPE.ple_block_size),
+    ("ple_symmetric", PleSymmetricFlag, _DEFAULT_RECIPE.ple_symmetric),
+    ("keep", KeepFlag, None),
+)
+
+
+def _with_recipe_flags(command: Callable[..., None]) -> Callable[..., None]:
+    """Give `command` the recipe's flags in place of its `recipe_flags` parameter; it receives
+    them as that one dict, for `_recipe` to turn into a QuantRecipe inside its error handling."""
+    sig = signature(command, eval_str=True)
+    params: list[Parameter] = []
+    for p in sig.parameters.values():
+        if p.name != "recipe_flags":
+            params.append(p)
+            continue
+        for name, annotation, default in _RECIPE_FLAGS:
+            params.append(Parameter(name, p.kind, default=default, annotation=annotation))
+
+    @functools.wraps(command)
+    def wrapper(**kwargs: Any) -> None:
+        flags = {name: kwargs.pop(name) for name, _, _ in _RECIPE_FLAGS}
+        command(**kwargs, recipe_flags=flags)
+
+    wrapper.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {p.name: p.annotation for p in params}
+    return wrapper
+
+
+def _recipe(flags: dict[str, Any]) -> QuantRecipe:
+    from graphs.recipe import parse_keep
 
     return QuantRecipe(
-        weights=quant,
-        block_size=block_size,
-        symmetric=symmetric,
-        accuracy_level=accuracy_level,
-        ple=ple_quant,
-        ple_block_size=ple_block_size,
-        ple_symmetric=ple_symmetric,
-        keep=parse_keep(keep),
-        clip_search=clip_search,
+        weights=flags["quant"],
+        block_size=flags["block_size"],
+        symmetric=flags["symmetric"],
+        accuracy_level=flags["accuracy_level"],
+        ple=flags["ple_quant"],
+        ple_block_size=flags["ple_block_size"],
+        ple_symmetric=flags["ple_symmetric"],
+        keep=parse_keep(flags["keep"]),
+        clip_search=flags["clip_search"],
     )
 
 
@@ -229,6 +257,7 @@ def synth(
 
 
 @app.command()
+@_with_recipe_flags
 def export(
     checkpoint: Annotated[Path, typer.Argument(help="HF checkpoint folder (config.json + safetensors).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Bundle folder to create.")],
@@ -238,15 +267,7 @@ def export(
     ple_dtype: Annotated[
         str, typer.Option(help="A float PLE table's dtype: checkpoint | bf16 | fp16 | fp32")
     ] = ("checkpoint"),
-    quant: QuantFlag = "int4",
-    block_size: BlockFlag = _DEFAULT_RECIPE.block_size,
-    symmetric: SymmetricFlag = _DEFAULT_RECIPE.symmetric,
-    clip_search: ClipSearchFlag = _DEFAULT_RECIPE.clip_search,
-    accuracy_level: AccuracyFlag = 4,
-    ple_quant: PleQuantFlag = "int8",
-    ple_block_size: PleBlockFlag = None,
-    ple_symmetric: PleSymmetricFlag = _DEFAULT_RECIPE.ple_symmetric,
-    keep: KeepFlag = None,
+    recipe_flags: dict[str, Any] | None = None,  # the recipe's flags: `_with_recipe_flags`
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output folder.")] = False,
     as_json: JsonFlag = False,
     quiet: QuietFlag = False,
@@ -255,17 +276,8 @@ def export(
     with _user_errors():
         from exporter.export import ExportOptions, export_bundle
 
-        recipe = _recipe(
-            quant,
-            block_size,
-            symmetric,
-            accuracy_level,
-            ple_quant,
-            ple_block_size,
-            ple_symmetric,
-            keep,
-            clip_search,
-        )
+        assert recipe_flags is not None
+        recipe = _recipe(recipe_flags)
         opts = ExportOptions(
             page_size=_parse_size(page_size, "--page-size"),
             ple_dtype=ple_dtype,
@@ -279,18 +291,11 @@ def export(
 
 
 @app.command()
+@_with_recipe_flags
 def quantize(
     bundle: Annotated[Path, typer.Argument(help="An fp32 bundle (export --quant none --ple-quant none).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Bundle folder to create.")],
-    quant: QuantFlag = "int4",
-    block_size: BlockFlag = _DEFAULT_RECIPE.block_size,
-    symmetric: SymmetricFlag = _DEFAULT_RECIPE.symmetric,
-    clip_search: ClipSearchFlag = _DEFAULT_RECIPE.clip_search,
-    accuracy_level: AccuracyFlag = 4,
-    ple_quant: PleQuantFlag = "int8",
-    ple_block_size: PleBlockFlag = None,
-    ple_symmetric: PleSymmetricFlag = _DEFAULT_RECIPE.ple_symmetric,
-    keep: KeepFlag = None,
+    recipe_flags: dict[str, Any] | None = None,  # the recipe's flags: `_with_recipe_flags`
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output folder.")] = False,
     as_json: JsonFlag = False,
     quiet: QuietFlag = False,
@@ -299,17 +304,8 @@ def quantize(
     with _user_errors():
         from exporter.quantize import quantize_bundle
 
-        recipe = _recipe(
-            quant,
-            block_size,
-            symmetric,
-            accuracy_level,
-            ple_quant,
-            ple_block_size,
-            ple_symmetric,
-            keep,
-            clip_search,
-        )
+        assert recipe_flags is not None
+        recipe = _recipe(recipe_flags)
         with _progress(not quiet and not as_json) as progress:
             result = quantize_bundle(bundle, output, recipe, overwrite, progress)
         summary = _bundle_summary(result.out_dir, result.manifest) | {"seconds": round(result.seconds, 2)}
