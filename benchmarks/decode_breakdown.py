@@ -25,6 +25,7 @@ import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
+from runtime_harness import loop
 from runtime_harness.session import BundleSession
 
 
@@ -73,31 +74,37 @@ def main() -> None:
 
     session = BundleSession(args.bundle, threads=args.threads, check=False)
     real = session.decoder
-    decoder_file = args.bundle / session.manifest["graphs"]["decoder"]["file"]
+    decoder_file = args.bundle / session.manifest.graphs.decoder.file
     stand_in, replaced = without_matmul_nbits(onnx.load(str(decoder_file), load_external_data=False))
     opts = real.get_session_options()  # BundleSession's own (threads, no arena, ...)
     # the in-memory model's external initializers resolve against the bundle's folder
     opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(args.bundle))
     stripped = ort.InferenceSession(stand_in.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
-    vocab = int(session.manifest["model"]["spec"]["vocab_size"])
-    prompt = np.random.RandomState(1234).randint(3, vocab, args.prompt_len)[None].astype(np.int64)
+    vocab = session.manifest.generation.vocab_size
+    prompt = np.random.RandomState(1234).randint(3, vocab, args.prompt_len).astype(np.int64)
+
+    class SwapAfterPrefill:
+        """The loop's hook: the real decoder prefills; `decoder` runs every decode step (its presents
+        grow the cache as the real ones do)."""
+
+        def __init__(self, decoder: ort.InferenceSession):
+            self.decoder = decoder
+
+        def before(self, step: int) -> None:
+            session.decoder = real if step == 0 else self.decoder
+
+        def after(self, step: int, seconds: float, logits: np.ndarray) -> None:
+            pass
 
     def step_times(decoder: ort.InferenceSession) -> float:
-        """Prefill with the real decoder, then `steps` decode steps (`BundleSession.forward`, PLE
-        lookup included) on `decoder`; the stand-in's presents grow the cache as the real ones do."""
-        session.decoder = real
-        cache = session.new_cache(1)
-        token = session.forward(prompt, cache, last_only=True)[:, -1].argmax(-1)[:, None]
-        session.decoder = decoder
+        """The median decode step (`BundleSession.forward`, PLE lookup included) of one generation."""
         time.sleep(0.1)
-        times = []
-        for _ in range(args.steps):
-            t = time.perf_counter()
-            session.forward(token, cache)
-            times.append(time.perf_counter() - t)
+        gen = loop.generate(
+            session, prompt, args.steps + 1, stop_at_eos=False, hook=SwapAfterPrefill(decoder)
+        )
         time.sleep(0.1)
-        return statistics.median(times)
+        return statistics.median(gen.step_seconds)
 
     full: list[float] = []
     rest: list[float] = []

@@ -5,9 +5,10 @@
     python benchmarks/export_memory.py --mode quantize  # fp32 bundle (made once) -> int4, streamed
     python benchmarks/export_memory.py --preset tiny --json
 
-The checkpoint is synthesised once and cached under --workdir. The export runs in a child process
-(`python -m ple_export export`) whose peak RSS is read from `getrusage(RUSAGE_CHILDREN)`: the same
-number `/usr/bin/time -v` prints as "Maximum resident set size".
+The checkpoint is synthesised once and cached under --workdir. The export runs as a measured child
+process (`python -m ple_export export`, under the measuring core's child runner,
+`runtime_harness/measure/child.py`) whose peak RSS is its ru_maxrss from wait4: the number
+`/usr/bin/time -v` prints as "Maximum resident set size".
 """
 
 from __future__ import annotations
@@ -15,18 +16,17 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import resource
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from exporter.spec import get_preset  # noqa: E402
+from exporter.presets import get_preset  # noqa: E402
 from exporter.synth import synth_to_folder  # noqa: E402
+from runtime_harness.measure.child import run_measured  # noqa: E402
 
 GiB = 1 << 30
 
@@ -85,34 +85,22 @@ def main() -> int:
                 cwd=ROOT,
                 check=True,
             )
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    t0 = time.perf_counter()
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "ple_export",
-            args.mode,
-            str(source),
-            "-o",
-            str(bundle),
-            "--overwrite",
-            "--quiet",
-            "--json",
-            *extra,
-        ],
+    argv = [sys.executable, "-m", "ple_export", args.mode, str(source), "-o", str(bundle)]
+    stderr = args.workdir / "export.stderr"
+    stderr.write_bytes(b"")
+    lines: list[str] = []
+    record = run_measured(
+        [*argv, "--overwrite", "--quiet", "--json", *extra],
+        stderr,
         cwd=ROOT,
-        capture_output=True,
-        text=True,
+        on_line=lines.append,
+        timeout_s=6 * 3600,
     )
-    seconds = time.perf_counter() - t0
-    if proc.returncode != 0:
-        print(proc.stderr.strip(), file=sys.stderr)
-        return proc.returncode
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # KiB on Linux
-    if before * 1024 >= peak:
-        print("warning: an earlier child had a higher peak; figure is an upper bound", file=sys.stderr)
-    summary = json.loads(proc.stdout)
+    seconds, peak = record.wall_s, record.peak_rss_bytes
+    if record.status != 0:
+        print(stderr.read_text().strip(), file=sys.stderr)
+        return 1
+    summary = json.loads("".join(lines))
     result = {
         "preset": args.preset,
         "mode": args.mode,

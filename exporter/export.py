@@ -1,10 +1,11 @@
-"""The export pipeline, stage by stage:
+"""`export`: a checkpoint to a bundle, as a chain of stages that each hand a typed result on:
 
     read checkpoint -> trace (fake weights) -> graph passes -> lay out data files -> manifest -> commit
+      Checkpoint       ir.Model x2             PassReport x2   LayoutReport x2      Manifest
 
 Weights are streamed tensor by tensor (big ones in row chunks) from the safetensors shards into the
 bundle's data files; nothing holds the whole model. The bundle is assembled in a sibling temp folder
-and renamed into place only when complete (`exporter.outdir`), so a failed or interrupted export
+and renamed into place only when complete (`ple_export.outdir`), so a failed or interrupted export
 leaves nothing that looks like a bundle.
 """
 
@@ -15,40 +16,32 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
-import torch
 
 from exporter import dtypes
-from exporter import manifest as manifest_mod
-from exporter.errors import UserError
-from exporter.gemma4 import rope_buffers
-from exporter.layout import DataFileWriter
-from exporter.outdir import staged_output
-from exporter.plan_writer import TensorReport, write_initializers
-from exporter.safetensors_io import TensorInfo, iter_row_chunks, open_checkpoint, read_rows
-from exporter.spec import Gemma4Spec
+from exporter.checkpoint import Checkpoint, read_checkpoint
+from exporter.describe import describe, ple_layout, quantization
+from exporter.gemma4 import PLEEmbedder, rope_buffers
+from exporter.plan_writer import LayoutReport, lay_out
 from exporter.trace import trace_decoder, trace_embedder
-from exporter.weights import map_checkpoint
-from graphs.matmul_nbits import LinearToMatMulNBits
-from graphs.pipeline import decoder_passes
-from graphs.ple_table_quant import PleTableToGatherBlockQuantized
-from graphs.recipe import QuantRecipe
-
-EMBEDDER_FILE = "embedder.onnx"
-PLE_TABLE_FILE = "ple_table.data"
-DECODER_FILE = "decoder.onnx"
-DECODER_DATA_FILE = "decoder.data"
-COPIED_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "generation_config.json",
-    "tokenizer.model",
-    "special_tokens_map.json",
-    "chat_template.jinja",
+from graphs.pipeline import PassReport, decoder_passes, embedder_passes
+from ple_export.bundle.format import (
+    DECODER_DATA_FILE,
+    DECODER_FILE,
+    EMBEDDER_FILE,
+    METADATA_FILES,
+    PLE_TABLE_FILE,
+    PLE_TABLE_TENSOR,
 )
-CHUNK_BYTES = 64 << 20
+from ple_export.bundle.manifest import Manifest, is_earlier_bundle
+from ple_export.bundle.recipe import QuantRecipe
+from ple_export.errors import UserError
+from ple_export.outdir import staged_output
+
+Progress = Callable[[str, int, int], None]  # (stage, advance, total): bytes, or graphs for "tracing"
 
 
 @dataclass(frozen=True)
@@ -67,129 +60,19 @@ class ExportOptions:
             )
         self.recipe.validate()
 
-
-@dataclass
-class Checkpoint:
-    path: Path
-    spec: Gemma4Spec
-    tensors: dict[str, TensorInfo]
-    mapping: dict[str, str]  # our name -> HF name
-
-    def info(self, our_name: str) -> TensorInfo:
-        return self.tensors[self.mapping[our_name]]
+    def record(self, ple_dtype: str) -> dict[str, Any]:
+        """What the manifest records of the options (how a folder was replaced is not a property of
+        the bundle)."""
+        options = asdict(self) | {"ple_dtype": ple_dtype, "recipe": self.recipe.to_dict()}
+        del options["overwrite"]
+        return options
 
 
 @dataclass
 class ExportResult:
     out_dir: Path
-    manifest: dict
+    manifest: Manifest
     seconds: float
-
-
-Progress = Callable[[str, int, int], None]  # (stage, advance bytes, total bytes)
-
-
-def read_checkpoint(path: Path) -> Checkpoint:
-    spec = Gemma4Spec.from_checkpoint_dir(path)
-    tensors = open_checkpoint(path)
-    mapping = map_checkpoint(spec, tensors)
-    for hf_name in mapping.values():
-        if tensors[hf_name].dtype not in dtypes.FROM_SAFETENSORS:
-            raise UserError(
-                f"tensor {hf_name} has dtype {tensors[hf_name].dtype} (weights must be bf16, fp16 or fp32)"
-            )
-    return Checkpoint(path, spec, tensors, mapping)
-
-
-def _fp32_chunks(info: TensorInfo) -> Iterator[np.ndarray]:
-    for start, stop in iter_row_chunks(info, CHUNK_BYTES // 2):
-        yield read_rows(info, start, stop, "float32")
-
-
-def _ple_chunks(info: TensorInfo, target: str) -> Iterator[np.ndarray]:
-    """The PLE table's rows in the target dtype; bytes pass through untouched when dtypes agree."""
-    source = dtypes.FROM_SAFETENSORS[info.dtype]
-    for start, stop in iter_row_chunks(info, CHUNK_BYTES):
-        if source == target:
-            yield read_rows(info, start, stop, "raw")
-        else:
-            rows = read_rows(info, start, stop, "float32")
-            yield (
-                torch.from_numpy(rows)
-                .to(dtypes.TORCH[target])
-                .view(torch.uint16 if target != "fp32" else torch.float32)
-                .numpy()
-            )
-
-
-def _write_embedder(
-    ckpt: Checkpoint,
-    tmp: Path,
-    ple_dtype: str,
-    opts: ExportOptions,
-    progress: Progress,
-    hashes: dict[str, str],
-    reports: dict[str, TensorReport],
-) -> int | None:
-    """Trace the lookup-only embedder, quantize its table if the recipe says so, and stream the
-    table (alone at offset 0 of its page-aligned file) and its scales. Returns the PLE block size
-    (None: a float table)."""
-    progress("tracing", 0, 2)
-    quantized = opts.recipe.ple != "none"
-    model = trace_embedder(ckpt.spec, dtypes.TORCH["fp32" if quantized else ple_dtype])
-    progress("tracing", 1, 2)
-    ple_pass = PleTableToGatherBlockQuantized(opts.recipe, ckpt.spec.hidden_size_per_layer_input)
-    ple_pass(model)
-    info = ckpt.info("ple_table")
-
-    def float_chunks(name: str) -> Iterator[np.ndarray]:
-        assert name == "ple_table", name
-        return _ple_chunks(info, ple_dtype)
-
-    with DataFileWriter(tmp / PLE_TABLE_FILE, opts.page_size) as w:
-        placements = write_initializers(
-            model, w, PLE_TABLE_FILE, tmp, float_chunks, _source_rows(ckpt), progress, "ple_table", reports
-        )
-        hashes[PLE_TABLE_FILE] = w.close()[1]
-    table = "ple_table.data" if quantized and ple_pass.block_size else "ple_table"
-    assert placements[table].offset == 0  # the table starts the file: page-aligned for mmap
-    ir.save(model, tmp / EMBEDDER_FILE)
-    return ple_pass.block_size
-
-
-def _source_rows(ckpt: Checkpoint) -> Callable[[str], Iterator[np.ndarray]]:
-    """float32 row chunks of a checkpoint tensor, by our name (what quantization reads)."""
-    return lambda name: _fp32_chunks(ckpt.info(name))
-
-
-def _write_decoder(
-    ckpt: Checkpoint,
-    tmp: Path,
-    opts: ExportOptions,
-    progress: Progress,
-    hashes: dict[str, str],
-    reports: dict[str, TensorReport],
-) -> LinearToMatMulNBits:
-    model = trace_decoder(ckpt.spec)
-    progress("tracing", 1, 2)
-    quant = decoder_passes(model, opts.recipe)
-    opts.recipe.check_keep(list(quant.quantized) + list(quant.kept))
-    computed = {k: v.numpy() for k, v in rope_buffers(ckpt.spec).items()}
-
-    def float_chunks(name: str) -> Iterator[np.ndarray]:
-        if name in computed:
-            return iter([computed[name].astype(np.float32)])
-        if name in ckpt.mapping:
-            return _fp32_chunks(ckpt.info(name))
-        raise RuntimeError(f"decoder initializer {name} has no source tensor")  # a bug, not bad input
-
-    with DataFileWriter(tmp / DECODER_DATA_FILE, opts.page_size) as w:
-        write_initializers(
-            model, w, DECODER_DATA_FILE, tmp, float_chunks, _source_rows(ckpt), progress, "decoder", reports
-        )
-        hashes[DECODER_DATA_FILE] = w.close()[1]
-    ir.save(model, tmp / DECODER_FILE)
-    return quant
 
 
 def export_bundle(
@@ -199,30 +82,106 @@ def export_bundle(
     progress: Progress | None = None,
 ) -> ExportResult:
     t0 = time.perf_counter()
+    report = progress or (lambda stage, n, total: None)
     opts.validate()
     ckpt = read_checkpoint(checkpoint)
-    ple_source = dtypes.FROM_SAFETENSORS[ckpt.info("ple_table").dtype]
-    ple_dtype = ple_source if opts.ple_dtype == "checkpoint" else opts.ple_dtype
-    report = progress or (lambda stage, n, total: None)
-
+    ple_dtype = ckpt.ple_dtype if opts.ple_dtype == "checkpoint" else opts.ple_dtype
     src, dst = checkpoint.resolve(), out_dir.resolve()
     if dst == src or src.is_relative_to(dst):
         raise UserError(f"{out_dir}: the output folder would replace the checkpoint {checkpoint}")
+    spec, recipe = ckpt.spec, opts.recipe
     with staged_output(
-        out_dir, opts.overwrite, manifest_mod.is_earlier_bundle, "a ple-export bundle", inputs=[checkpoint]
+        out_dir, opts.overwrite, is_earlier_bundle, "a ple-export bundle", [checkpoint]
     ) as tmp:
-        hashes: dict[str, str] = {}  # data files, hashed while written
-        reports: dict[str, TensorReport] = {}
-        ple_block = _write_embedder(ckpt, tmp, ple_dtype, opts, report, hashes, reports)
-        quant = _write_decoder(ckpt, tmp, opts, report, hashes, reports)
-        for name in COPIED_FILES:
+        width = spec.hidden_size_per_layer_input
+        quantized_table = recipe.ple != "none" and recipe.ple_block_for(width, spec.ple_dim) is not None
+        embedder_dtype = "fp32" if quantized_table else ple_dtype  # a quantized table dequantizes to fp32
+        report("tracing", 0, 2)
+        embedder = trace_embedder(spec, dtypes.TORCH[embedder_dtype])
+        report("tracing", 1, 2)
+        decoder = trace_decoder(spec)
+        report("tracing", 1, 2)
+        passes = {
+            "embedder": embedder_passes(embedder, recipe, width),
+            "decoder": decoder_passes(decoder, recipe),
+        }
+        recipe.check_keep([*passes["decoder"].quantized, *passes["decoder"].kept])
+        layouts = [
+            _lay_out_embedder(embedder, ckpt, tmp, ple_dtype, opts.page_size, report),
+            _lay_out_decoder(decoder, ckpt, tmp, opts.page_size, report),
+        ]
+        for name in METADATA_FILES:
             if (checkpoint / name).is_file():
                 shutil.copyfile(checkpoint / name, tmp / name)
-        options = asdict(opts) | {"ple_dtype": ple_dtype, "recipe": opts.recipe.to_dict()}
-        del options["overwrite"]  # how the folder was replaced is not a property of the bundle
-        quantization = manifest_mod.quantization_section(
-            opts.recipe, reports, quant.kept, ple_block, ckpt.spec.ple_dim
-        )
-        manifest = manifest_mod.build(tmp, ckpt, ple_dtype, options, hashes, quantization)
-        manifest_mod.write(tmp, manifest)  # last: a folder without manifest.json is not a bundle
+        manifest = _describe(tmp, ckpt, ple_dtype, embedder_dtype, opts, passes, layouts)
+        manifest.write(tmp)  # last: a folder without manifest.json is not a bundle
     return ExportResult(out_dir.absolute(), manifest, time.perf_counter() - t0)
+
+
+def _lay_out_embedder(
+    model: ir.Model, ckpt: Checkpoint, tmp: Path, ple_dtype: str, page_size: int, progress: Progress
+) -> LayoutReport:
+    """The PLE table (alone at offset 0 of its page-aligned file, for mmap) and its scales."""
+
+    def float_chunks(name: str) -> Iterator[np.ndarray]:
+        assert name == PLE_TABLE_TENSOR, name
+        return ckpt.ple_rows(ple_dtype)
+
+    layout = lay_out(
+        model, tmp, PLE_TABLE_FILE, page_size, float_chunks, ckpt.rows, progress, PLE_TABLE_TENSOR
+    )
+    assert min(p.offset for p in layout.offsets.values()) == 0  # the table starts the file
+    ir.save(model, tmp / EMBEDDER_FILE)
+    return layout
+
+
+def _lay_out_decoder(
+    model: ir.Model, ckpt: Checkpoint, tmp: Path, page_size: int, progress: Progress
+) -> LayoutReport:
+    computed = {k: v.numpy().astype(np.float32) for k, v in rope_buffers(ckpt.spec).items()}
+
+    def float_chunks(name: str) -> Iterator[np.ndarray]:
+        if name in computed:
+            return iter([computed[name]])
+        if name in ckpt.mapping:
+            return ckpt.rows(name)
+        raise RuntimeError(f"decoder initializer {name} has no source tensor")  # a bug, not bad input
+
+    layout = lay_out(model, tmp, DECODER_DATA_FILE, page_size, float_chunks, ckpt.rows, progress, "decoder")
+    ir.save(model, tmp / DECODER_FILE)
+    return layout
+
+
+def _describe(
+    tmp: Path,
+    ckpt: Checkpoint,
+    ple_dtype: str,
+    embedder_dtype: str,
+    opts: ExportOptions,
+    passes: dict[str, PassReport],
+    layouts: list[LayoutReport],
+) -> Manifest:
+    spec = ckpt.spec
+    quant = quantization(
+        opts.recipe, layouts, passes["decoder"].kept, passes["embedder"].ple_block, spec.ple_dim
+    )
+    ple = ple_layout(
+        rows=int(ckpt.info(PLE_TABLE_TENSOR).shape[0]),
+        float_row_bytes=spec.ple_dim * dtypes.ITEMSIZE[ple_dtype],
+        float_dtype=dtypes.ONNX_NAME[ple_dtype],
+        page_size=opts.page_size,
+        quant=quant,
+        scale=PLEEmbedder.scale_for(spec.hidden_size_per_layer_input, dtypes.TORCH[embedder_dtype]),
+    )
+    return describe(
+        tmp,
+        model=ckpt.model_info(),
+        graphs=spec.contract(),
+        ple=ple,
+        kv_cache=spec.kv_cache(),
+        generation=spec.generation(),
+        quant=quant,
+        layouts=layouts,
+        passes=passes,
+        export_options=opts.record(ple_dtype),
+    )

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-SMALL_ALIGNMENT = 64  # tensors shorter than a page: keep SIMD-friendly alignment, no page padding
+from ple_export.bundle.format import aligned
 
 Progress = Callable[[int], None]
 
@@ -46,15 +46,12 @@ class DataFileWriter:
         self._sha.update(data)
         self._pos += len(data)
 
-    def _pad_to(self, alignment: int) -> None:
-        pad = -self._pos % alignment
-        if pad:
-            self._write(b"\0" * pad)
-
     def add(self, name: str, nbytes: int, chunks: Iterable[np.ndarray | bytes]) -> Placement:
-        """Append one tensor given as a stream of C-ordered chunks totalling `nbytes`."""
-        self._pad_to(self.page_size if nbytes >= self.page_size else SMALL_ALIGNMENT)
-        start = self._pos
+        """Append one tensor given as a stream of C-ordered chunks totalling `nbytes`, at the offset
+        the bundle format gives it (`format.aligned`)."""
+        start = aligned(self._pos, nbytes, self.page_size)
+        if start > self._pos:
+            self._write(b"\0" * (start - self._pos))
         for chunk in chunks:
             # bytes view without a copy (ml_dtypes' bfloat16 has no buffer format of its own)
             flat = chunk if isinstance(chunk, bytes) else np.ascontiguousarray(chunk).reshape(-1)

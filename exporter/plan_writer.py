@@ -10,15 +10,16 @@ embedding's MatMulNBits and GatherBlockQuantized parts) are stored once and boun
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
 
 from exporter.layout import DataFileWriter, Placement, bind_external, tensor_nbytes
-from graphs.quant.blockwise import dequantize_blockwise
+from graphs.quant.blockwise import ErrorMeter, dequantize_blockwise
 from graphs.weight_plan import BlockQuant, plan_of
+from ple_export.bundle.manifest import TensorRecord
 
 Chunks = Callable[[str], Iterator[np.ndarray]]
 ByteChunks = Callable[[str], Iterator[np.ndarray | bytes]]
@@ -26,32 +27,30 @@ Progress = Callable[[str, int, int], None]
 
 
 @dataclass
-class TensorReport:
-    """What became of one source tensor: its precision in the bundle and the weight error."""
+class _Measured:
+    """One source tensor as it is written: its precision, the op reading it, and its weight error."""
 
-    source: str
     precision: str  # int4 | int8 | the float dtype
     op: str  # the op that reads it: MatMulNBits, GatherBlockQuantized, or "float"
     block_size: int | None = None
-    rel_error: float | None = None  # ||w - dequant(q(w))|| / ||w||
-    _err2: float = 0.0
-    _norm2: float = 0.0
+    done: bool = False  # the error is measured once, over the first stream of the source's rows
+    error: ErrorMeter = field(default_factory=ErrorMeter)
 
-    def add(self, w: np.ndarray, w_hat: np.ndarray) -> None:
-        w64 = w.astype(np.float64)
-        self._err2 += float(np.square(w64 - w_hat.astype(np.float64)).sum())
-        self._norm2 += float(np.square(w64).sum())
+    def record(self) -> TensorRecord:
+        return TensorRecord(
+            self.precision, self.op, self.block_size, round(self.error.value, 6) if self.done else None
+        )
 
-    def finish(self) -> None:
-        self.rel_error = (self._err2**0.5 / self._norm2**0.5) if self._norm2 else 0.0
 
-    def to_dict(self) -> dict[str, object]:
-        d: dict[str, object] = {"precision": self.precision, "op": self.op}
-        if self.block_size is not None:
-            d["block_size"] = self.block_size
-        if self.rel_error is not None:
-            d["rel_weight_error"] = round(self.rel_error, 6)
-        return d
+@dataclass(frozen=True)
+class LayoutReport:
+    """One data file as written, and what became of each source tensor in it."""
+
+    file: str
+    size: int
+    sha256: str
+    offsets: dict[str, Placement]  # initializer -> its bytes in the file
+    tensors: dict[str, TensorRecord]  # source tensor (our name) -> precision, op, weight error
 
 
 def _same_bytes_key(plan: BlockQuant, k: int) -> tuple[object, ...]:
@@ -71,64 +70,69 @@ def _same_bytes_key(plan: BlockQuant, k: int) -> tuple[object, ...]:
     )
 
 
-def write_initializers(
+def lay_out(
     model: ir.Model,
-    writer: DataFileWriter,
-    location: str,
-    base_dir: Path,
+    folder: Path,
+    data_file: str,
+    page_size: int,
     float_chunks: ByteChunks,
     source_rows: Chunks,
     progress: Progress,
     stage: str,
-    reports: dict[str, TensorReport],
-) -> dict[str, Placement]:
+) -> LayoutReport:
+    """Write every initializer of `model` into `folder / data_file` and bind it there."""
     inits = list(model.graph.initializers.values())
     total = sum(tensor_nbytes(v) for v in inits)
     done: dict[str, Placement] = {}
     by_key: dict[tuple[object, ...], Placement] = {}
+    measured: dict[str, _Measured] = {}
 
     def tick(chunks: Iterator[np.ndarray | bytes]) -> Iterator[np.ndarray | bytes]:
         for chunk in chunks:
             progress(stage, len(chunk) if isinstance(chunk, bytes) else chunk.nbytes, total)
             yield chunk
 
-    def place(
-        value: ir.Value, chunks: Iterator[np.ndarray | bytes], key: tuple[object, ...] | None = None
-    ) -> None:
-        assert value.name is not None
-        if key is not None and key in by_key:
-            placement = by_key[key]
-            progress(stage, tensor_nbytes(value), total)
-        else:
-            placement = writer.add(value.name, tensor_nbytes(value), tick(chunks))
-            if key is not None:
-                by_key[key] = placement
-        bind_external(value, location, placement, base_dir)
-        done[value.name] = placement
+    with DataFileWriter(folder / data_file, page_size) as writer:
 
-    for value in inits:
-        name = value.name
-        assert name is not None
-        if name in done:
-            continue
-        plan = plan_of(value)
-        if plan is None:
-            place(value, float_chunks(name))
-            if name not in reports and value.dtype is not None:
-                reports[name] = TensorReport(name, _dtype_name(value.dtype), "float")
-            continue
-        group: dict[str, ir.Value] = {
-            str(p.part): v for v in inits if (p := plan_of(v)) is not None and _group(p) == _group(plan)
-        }
-        _write_group(group, place, source_rows, reports)
-    return done
+        def place(
+            value: ir.Value, chunks: Iterator[np.ndarray | bytes], key: tuple[object, ...] | None = None
+        ) -> None:
+            assert value.name is not None
+            if key is not None and key in by_key:
+                placement = by_key[key]
+                progress(stage, tensor_nbytes(value), total)
+            else:
+                placement = writer.add(value.name, tensor_nbytes(value), tick(chunks))
+                if key is not None:
+                    by_key[key] = placement
+            bind_external(value, data_file, placement, folder)
+            done[value.name] = placement
+
+        for value in inits:
+            name = value.name
+            assert name is not None
+            if name in done:
+                continue
+            plan = plan_of(value)
+            if plan is None:
+                place(value, float_chunks(name))
+                if name not in measured and value.dtype is not None:
+                    measured[name] = _Measured(_dtype_name(value.dtype), "float")
+                continue
+            group: dict[str, ir.Value] = {
+                str(p.part): v for v in inits if (p := plan_of(v)) is not None and _group(p) == _group(plan)
+            }
+            _write_group(group, place, source_rows, measured)
+        size, sha256 = writer.close()
+    tensors = {name: m.record() for name, m in measured.items()}
+    return LayoutReport(data_file, size, sha256, done, tensors)
 
 
 def _write_group(
     group: dict[str, ir.Value],
     place: Callable[..., None],
     source_rows: Chunks,
-    reports: dict[str, TensorReport],
+    measured: dict[str, _Measured],
 ) -> None:
     """Data, then scales, then zero points of one quantized tensor, in one pass over its source (or
     over each member source of a merged tensor in turn: rows are quantized independently)."""
@@ -137,32 +141,26 @@ def _write_group(
     assert plan is not None and data.shape is not None
     k = _source_k(group)
     kept: dict[str, list[np.ndarray]] = {"scales": [], "zero_points": []}
-    measured: list[TensorReport] = []
     for source in plan.sources():  # here, not in data_chunks: aliased bytes never run it
-        report = reports.setdefault(
-            source, TensorReport(source, f"int{plan.bits}", _op(plan), plan.block_size)
-        )
-        if report.op != _op(plan):
-            report.op = "MatMulNBits+GatherBlockQuantized"
+        m = measured.setdefault(source, _Measured(f"int{plan.bits}", _op(plan), plan.block_size))
+        if m.op != _op(plan):
+            m.op = "MatMulNBits+GatherBlockQuantized"
 
     def data_chunks() -> Iterator[np.ndarray]:
         for source in plan.sources():
-            report = reports[source]
-            measure = report.rel_error is None and not report._norm2
+            m = measured[source]
+            measure = not m.done
             for rows in source_rows(source):
                 q = plan.quantize(rows)
                 if measure:
-                    report.add(rows, dequantize_blockwise(q))
+                    m.error.add(rows, dequantize_blockwise(q))
                 for part in kept:
                     if part in group:
                         kept[part].append(plan_of(group[part]).pack(q))  # type: ignore[union-attr]
                 yield plan.pack(q)
-            if measure:
-                measured.append(report)
+            m.done = True
 
     place(data, data_chunks(), _same_bytes_key(plan, k))
-    for report in measured:
-        report.finish()
     for part, arrays in kept.items():
         if part in group:
             value = group[part]

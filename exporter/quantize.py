@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,17 +21,18 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
-from exporter import manifest as manifest_mod
-from exporter.bundle_files import member_path, trusted_bundle
-from exporter.errors import UserError
-from exporter.export import CHUNK_BYTES, DECODER_DATA_FILE, PLE_TABLE_FILE, ExportResult, Progress
-from exporter.layout import DataFileWriter
-from exporter.outdir import staged_output
-from exporter.plan_writer import TensorReport, write_initializers
-from graphs.matmul_nbits import LinearToMatMulNBits
-from graphs.pipeline import decoder_passes
-from graphs.ple_table_quant import PleTableToGatherBlockQuantized
-from graphs.recipe import QuantRecipe
+from exporter.checkpoint import CHUNK_BYTES
+from exporter.describe import ple_layout, quantization, versions
+from exporter.export import ExportResult, Progress
+from exporter.plan_writer import LayoutReport, lay_out
+from graphs.pipeline import PassReport, decoder_passes, embedder_passes
+from ple_export.bundle.files import file_entries, trusted_bundle
+from ple_export.bundle.format import DECODER_DATA_FILE, PLE_TABLE_FILE, FileRole
+from ple_export.bundle.manifest import Manifest, is_earlier_bundle
+from ple_export.bundle.members import member_path
+from ple_export.bundle.recipe import QuantRecipe
+from ple_export.errors import UserError
+from ple_export.outdir import staged_output
 
 _NP = {
     ir.DataType.FLOAT: np.float32,
@@ -92,12 +93,12 @@ def quantize_bundle(
     t0 = time.perf_counter()
     recipe.validate()
     report = progress or (lambda stage, n, total: None)
-    manifest = manifest_mod.load(src)
+    manifest = Manifest.read(src)
     trusted_bundle(src, manifest, verify_hashes=True)
-    prior = manifest.get("quantization", {}).get("recipe") or {"weights": "none", "ple": "none"}
-    if prior.get("weights") != "none" or prior.get("ple") != "none":
+    prior = manifest.recipe
+    if prior.weights != "none" or prior.ple != "none":
         raise UserError(
-            f"{src}: already quantized (weights {prior.get('weights')!r}, PLE table {prior.get('ple')!r}); "
+            f"{src}: already quantized (weights {prior.weights!r}, PLE table {prior.ple!r}); "
             "quantize an fp32 bundle (export --quant none --ple-quant none)"
         )
     if recipe.weights == "none" and recipe.ple == "none":
@@ -105,78 +106,82 @@ def quantize_bundle(
     src_real, dst_real = src.resolve(), out_dir.resolve()
     if dst_real == src_real or dst_real.is_relative_to(src_real) or src_real.is_relative_to(dst_real):
         raise UserError(f"{out_dir}: the output would replace or sit inside the bundle it reads ({src})")
-    graphs = manifest["graphs"]
-    with staged_output(
-        out_dir, overwrite, manifest_mod.is_earlier_bundle, "a ple-export bundle", inputs=[src]
-    ) as tmp:
-        reports: dict[str, TensorReport] = {}
-        spec = manifest["model"]["spec"]
-        page = int(manifest["ple"]["page_size"])
-        if page < 4096 or page & (page - 1):
-            raise UserError(f"{src}: manifest ple.page_size {page} is not a power of two >= 4096")
-        embedder = ir.load(member_path(src, graphs["embedder"]["file"], str(src)))
-        ple_pass = PleTableToGatherBlockQuantized(recipe, int(spec["hidden_size_per_layer_input"]))
-        _write(embedder, ple_pass, tmp, PLE_TABLE_FILE, graphs["embedder"]["file"], page, report, reports)
-        decoder = ir.load(member_path(src, graphs["decoder"]["file"], str(src)))
-        passes: list[LinearToMatMulNBits] = []
-        run = lambda model: passes.append(decoder_passes(model, recipe))  # noqa: E731
-        _write(decoder, run, tmp, DECODER_DATA_FILE, graphs["decoder"]["file"], page, report, reports)
-        nbits = passes[0]
-        recipe.check_keep(list(nbits.quantized) + list(nbits.kept))
-        for entry in manifest["files"]:
-            if entry["role"] == "metadata":
-                shutil.copyfile(member_path(src, entry["path"], str(src)), tmp / entry["path"])
-        new = _updated_manifest(manifest, tmp, recipe, reports, nbits.kept, ple_pass.block_size)
-        manifest_mod.write(tmp, new)
+    page = manifest.ple.page_size
+    if page < 4096 or page & (page - 1):
+        raise UserError(f"{src}: manifest ple.page_size {page} is not a power of two >= 4096")
+    graphs = manifest.graphs
+    with staged_output(out_dir, overwrite, is_earlier_bundle, "a ple-export bundle", inputs=[src]) as tmp:
+        embedder = ir.load(member_path(src, graphs.embedder.file, str(src)))
+        decoder = ir.load(member_path(src, graphs.decoder.file, str(src)))
+        sources = {"embedder": _sources(embedder), "decoder": _sources(decoder)}
+        width = int(manifest.model.spec["hidden_size_per_layer_input"])
+        passes = {
+            "embedder": embedder_passes(embedder, recipe, width),
+            "decoder": decoder_passes(decoder, recipe),
+        }
+        recipe.check_keep([*passes["decoder"].quantized, *passes["decoder"].kept])
+        layouts = [
+            _lay_out(embedder, sources["embedder"], tmp, PLE_TABLE_FILE, graphs.embedder.file, page, report),
+            _lay_out(decoder, sources["decoder"], tmp, DECODER_DATA_FILE, graphs.decoder.file, page, report),
+        ]
+        for entry in manifest.files_with(role=FileRole.METADATA):
+            shutil.copyfile(member_path(src, entry.path, str(src)), tmp / entry.path)
+        new = _requantized(manifest, tmp, recipe, passes, layouts)
+        new.write(tmp)
     return ExportResult(out_dir.absolute(), new, time.perf_counter() - t0)
 
 
-def _write(
+def _lay_out(
     model: ir.Model,
-    quant_pass: Any,
+    sources: dict[str, ir.ExternalTensor],
     tmp: Path,
     data_file: str,
     graph_file: str,
     page_size: int,
     progress: Progress,
-    reports: dict[str, TensorReport],
-) -> None:
-    sources = _sources(model)
-    quant_pass(model)
+) -> LayoutReport:
+    """Float tensors copied byte for byte from the source bundle; quantized ones read in row chunks."""
 
     def float_chunks(name: str) -> Iterator[Any]:
         return _raw_chunks(sources[name])
 
-    rows: Callable[[str], Iterator[np.ndarray]] = lambda name: _float_rows(sources[name])  # noqa: E731
-    with DataFileWriter(tmp / data_file, page_size) as w:
-        write_initializers(model, w, data_file, tmp, float_chunks, rows, progress, data_file, reports)
-        w.close()
+    def rows(name: str) -> Iterator[np.ndarray]:
+        return _float_rows(sources[name])
+
+    layout = lay_out(model, tmp, data_file, page_size, float_chunks, rows, progress, data_file)
     ir.save(model, tmp / graph_file)
+    return layout
 
 
-def _updated_manifest(
-    manifest: dict[str, Any],
+def _requantized(
+    manifest: Manifest,
     tmp: Path,
     recipe: QuantRecipe,
-    reports: dict[str, TensorReport],
-    kept: dict[str, str],
-    ple_block: int | None,
-) -> dict[str, Any]:
-    spec = manifest["model"]["spec"]
-    ple_row = int(spec["num_hidden_layers"]) * int(spec["hidden_size_per_layer_input"])
-    quantization = manifest_mod.quantization_section(recipe, reports, kept, ple_block, ple_row)
-    old_ple = manifest["ple"]
-    new = dict(manifest)
-    new["files"] = manifest_mod.files_section(tmp)
-    new["ple"] = manifest_mod.ple_section(
-        int(old_ple["rows"]),
-        int(old_ple["row_bytes"]),
-        str(old_ple["dtype"]),
-        int(old_ple["page_size"]),
-        quantization,
-        float(old_ple.get("scale", 1.0)),
+    passes: dict[str, PassReport],
+    layouts: list[LayoutReport],
+) -> Manifest:
+    """The source's manifest with what quantization changed: files, the PLE table's format, the
+    quantization record, the options and versions, and what the passes did."""
+    spec = manifest.model.spec
+    ple_width = int(spec["num_hidden_layers"]) * int(spec["hidden_size_per_layer_input"])
+    quant = quantization(recipe, layouts, passes["decoder"].kept, passes["embedder"].ple_block, ple_width)
+    old = manifest.ple
+    return manifest.replace(
+        files=file_entries(tmp, {layout.file: layout.sha256 for layout in layouts}),
+        ple=ple_layout(old.rows, old.row_bytes, old.dtype, old.page_size, quant, old.scale),
+        quantization=quant,
+        export_options=dict(manifest.export_options) | {"recipe": recipe.to_dict()},
+        versions=versions(),
+        passes=_passes_over_history(manifest.passes, passes),
     )
-    new["quantization"] = quantization
-    new["export_options"] = dict(manifest.get("export_options") or {}) | {"recipe": recipe.to_dict()}
-    new["versions"] = manifest_mod.versions()
-    return new
+
+
+def _passes_over_history(
+    before: Mapping[str, Mapping[str, int]], now: dict[str, PassReport]
+) -> dict[str, dict[str, int]]:
+    """What each pass matched over the bundle's history: the fp32 export's counts plus this run's (the
+    fusions matched at export and match nothing again; the quantizing passes match now)."""
+    return {
+        graph: {name: before.get(graph, {}).get(name, 0) + n for name, n in report.matches.items()}
+        for graph, report in now.items()
+    }

@@ -1,15 +1,33 @@
-"""The PyTorch reference: our modules with real weights from a checkpoint (for parity and benchmarks)."""
+"""The PyTorch references a bundle is checked and measured against, as models the one decode loop
+(`runtime_harness.loop`) drives:
+
+    TorchModel         our modules (`exporter/gemma4.py`) with the checkpoint's weights
+    TransformersModel  transformers' `Gemma4ForCausalLM` (eager attention, DynamicCache): the oracle
+                       we did not write (a test dependency, imported only when asked for)
+
+Both take token ids and return numpy logits, as a `BundleSession` does.
+"""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
-from exporter.export import read_checkpoint
+from exporter.checkpoint import read_checkpoint
 from exporter.gemma4 import Gemma4Decoder, PLEEmbedder, empty_past, rope_buffers
 from exporter.safetensors_io import read_tensor
 from exporter.spec import Gemma4Spec
+from ple_export.bundle.format import PLE_TABLE_TENSOR
+from ple_export.bundle.manifest import Manifest
+from ple_export.errors import UserError
+
+Forward = Callable[[list[int]], np.ndarray]  # new token ids -> logits [S, V], keeping its own cache
 
 
 def load_reference(
@@ -20,26 +38,95 @@ def load_reference(
     embedder = PLEEmbedder(spec, table_dtype=dtype)
     decoder = Gemma4Decoder(spec)
     state = {name: torch.from_numpy(read_tensor(ckpt.info(name))) for name in ckpt.mapping}
-    embedder.load_state_dict({"ple_table": state.pop("ple_table")}, strict=True)
+    embedder.load_state_dict({PLE_TABLE_TENSOR: state.pop(PLE_TABLE_TENSOR)}, strict=True)
     decoder.load_state_dict(state | rope_buffers(spec), strict=True)
     return spec, embedder.to(dtype).eval(), decoder.to(dtype).eval()
 
 
-@torch.no_grad()
-def greedy_logits(
-    spec: Gemma4Spec, embedder: PLEEmbedder, decoder: Gemma4Decoder, prompt: torch.Tensor, steps: int
-) -> list[torch.Tensor]:
-    """Last-position logits of the prefill, then of each of `steps - 1` greedy decode steps."""
-    b, s = prompt.shape
-    dtype = next(decoder.parameters()).dtype
-    past = empty_past(spec, b, dtype)
-    positions = torch.arange(s)[None].expand(b, -1)
-    ids = prompt
-    out: list[torch.Tensor] = []
-    for _ in range(steps):
-        last = torch.tensor([ids.shape[1] - 1])
-        logits, *past = decoder(ids, embedder(ids).to(dtype), positions, last, *past)
-        out.append(logits[:, -1])
-        ids = logits[:, -1].argmax(-1, keepdim=True)
-        positions = positions[:, -1:] + 1
-    return out
+@dataclass
+class _TorchCache:
+    past: list[torch.Tensor]
+    position: int = 0
+
+
+class TorchModel:
+    """Our modules in eager PyTorch, fp32 by default."""
+
+    def __init__(self, checkpoint: Path, dtype: torch.dtype = torch.float32):
+        self.spec, self.embedder, self.decoder = load_reference(checkpoint, dtype)
+        self.dtype = dtype
+        self.eos_ids = frozenset(self.spec.eos_token_id)
+
+    def new_cache(self, batch: int) -> _TorchCache:
+        return _TorchCache(empty_past(self.spec, batch, self.dtype))
+
+    @torch.no_grad()
+    def forward(self, input_ids: np.ndarray, cache: _TorchCache, last_only: bool = False) -> np.ndarray:
+        ids = torch.from_numpy(np.ascontiguousarray(input_ids, dtype=np.int64))
+        b, s = ids.shape
+        positions = torch.arange(cache.position, cache.position + s)[None].expand(b, -1)
+        wanted = torch.tensor([s - 1]) if last_only else torch.arange(s)
+        logits, *past = self.decoder(ids, self.embedder(ids).to(self.dtype), positions, wanted, *cache.past)
+        cache.past, cache.position = past, cache.position + s
+        return logits.float().numpy()
+
+
+class TransformersModel:
+    """transformers' Gemma4ForCausalLM, eager attention, with its DynamicCache."""
+
+    def __init__(self, checkpoint: Path, dtype: torch.dtype = torch.float32):
+        try:
+            from transformers import AutoModelForCausalLM
+            from transformers.cache_utils import DynamicCache
+        except ImportError:
+            raise UserError(
+                "--oracle transformers needs transformers installed (pip install transformers)"
+            ) from None
+        self.model = AutoModelForCausalLM.from_pretrained(
+            checkpoint, dtype=dtype, attn_implementation="eager"
+        ).eval()
+        self._cache = DynamicCache
+        eos = self.model.generation_config.eos_token_id
+        self.eos_ids = frozenset({eos} if isinstance(eos, int) else set(eos or []))
+
+    def new_cache(self, batch: int) -> Any:
+        return self._cache(config=self.model.config)
+
+    @torch.no_grad()
+    def forward(self, input_ids: np.ndarray, cache: Any, last_only: bool = False) -> np.ndarray:
+        ids = torch.from_numpy(np.ascontiguousarray(input_ids, dtype=np.int64))
+        keep = {"logits_to_keep": 1} if last_only else {}
+        out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, **keep)
+        return out.logits.float().numpy()
+
+
+ORACLES: dict[str, Callable[[Path], Any]] = {"ours": TorchModel, "transformers": TransformersModel}
+
+
+def sequence(model: Any) -> Forward:
+    """A fresh sequence of `model`: each call feeds new tokens and returns every new position's logits."""
+    cache = model.new_cache(1)
+    return lambda ids: model.forward(np.array([ids], dtype=np.int64), cache)[0]
+
+
+def check_same_model(manifest: Manifest, checkpoint: Path) -> None:
+    """The reference must be the checkpoint the bundle came from (same spec), or nothing compares."""
+    spec = json.loads(json.dumps(Gemma4Spec.from_checkpoint_dir(checkpoint).to_dict()))
+    mine = manifest.model.spec
+    differing = sorted(k for k in spec if k in mine and spec[k] != mine[k] and k != "eos_token_id")
+    if differing:
+        raise UserError(
+            f"{checkpoint}: not the checkpoint of this bundle (config differs in {', '.join(differing[:4])})"
+        )
+
+
+def reference_for(checkpoint: Path, oracle: str = "ours") -> Callable[[Manifest], Callable[[], Forward]]:
+    """What `verify` takes: given the bundle's manifest, load the oracle's model of `checkpoint`,
+    check it is the bundle's model, and hand out fresh sequences of it."""
+
+    def build(manifest: Manifest) -> Callable[[], Forward]:
+        model = ORACLES[oracle](checkpoint)
+        check_same_model(manifest, checkpoint)
+        return lambda: sequence(model)
+
+    return build

@@ -16,8 +16,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from exporter.errors import UserError
-from exporter.jsonfile import read_json_object
+from exporter.config_fields import (
+    INT_BOUNDS,
+    Range,
+    check_float,
+    check_int,
+    show,
+)
+from exporter.config_fields import Fields as _Fields
+from ple_export.bundle.contract import KV_DTYPE, graph_contract
+from ple_export.bundle.manifest import Generation, Graphs, KVCache, KVLayer
+from ple_export.errors import UserError
+from ple_export.jsonfile import read_json_object
 
 SLIDING = "sliding_attention"
 FULL = "full_attention"
@@ -25,58 +35,6 @@ SUPPORTED_ROPE_TYPES = ("default", "proportional")
 SUPPORTED_ACTIVATIONS = ("gelu_pytorch_tanh",)
 
 
-@dataclass(frozen=True)
-class Range:
-    """An interval of allowed values; closed unless an end is marked open."""
-
-    lo: float
-    hi: float
-    lo_open: bool = False
-    hi_open: bool = False
-
-    def holds(self, value: float) -> bool:
-        # written so that NaN (every comparison false) is outside
-        above = value > self.lo if self.lo_open else value >= self.lo
-        below = value < self.hi if self.hi_open else value <= self.hi
-        return above and below
-
-    def __str__(self) -> str:
-        lo, hi = (str(x) if isinstance(x, int) else f"{x:g}" for x in (self.lo, self.hi))
-        return f"{'(' if self.lo_open else '['}{lo}, {hi}{')' if self.hi_open else ']'}"
-
-
-# Bounds of every config.json value we read: generous around the largest real Gemma 4 / Gemma 3n
-# values, small enough that no single value can make parsing, validation or tracing blow up (see
-# docs/config-bounds.md for the table and the reasons). Integers are closed ranges.
-MAX_LAYERS = 256
-MAX_VOCAB = 2**20
-INT_BOUNDS: dict[str, Range] = {
-    "num_hidden_layers": Range(1, MAX_LAYERS),
-    "vocab_size": Range(1, MAX_VOCAB),
-    "vocab_size_per_layer_input": Range(1, MAX_VOCAB),
-    "hidden_size": Range(1, 65_536),
-    "hidden_size_per_layer_input": Range(1, 16_384),  # 0/null: no PLE, refused with its own message
-    "intermediate_size": Range(1, 262_144),
-    "num_attention_heads": Range(1, 256),
-    "num_key_value_heads": Range(1, 256),
-    "num_global_key_value_heads": Range(1, 256),
-    "head_dim": Range(2, 1024),  # and even: RoPE rotates pairs
-    "global_head_dim": Range(2, 1024),
-    "sliding_window": Range(2, 2**20),
-    "num_kv_shared_layers": Range(0, MAX_LAYERS - 1),  # and below num_hidden_layers
-    "max_position_embeddings": Range(1, 2**24),  # not used by the export; checked when present
-    "num_experts": Range(0, 4096),  # any positive count is MoE, refused
-    "pad_token_id": Range(0, MAX_VOCAB - 1),  # token ids: and below vocab_size
-    "bos_token_id": Range(0, MAX_VOCAB - 1),
-    "eos_token_id": Range(0, MAX_VOCAB - 1),
-}
-FLOAT_BOUNDS: dict[str, Range] = {
-    "rms_norm_eps": Range(1e-12, 1, hi_open=True),
-    "final_logit_softcapping": Range(1, 1e4),
-    "rope_theta": Range(1, 1e12),
-    "partial_rotary_factor": Range(0, 1, lo_open=True),
-    "factor": Range(1, 1024),
-}
 MAX_EOS_TOKENS = 64
 MAX_PARAMETERS = 10**11  # the whole text decoder, PLE table included
 MAX_CONFIG_BYTES = 2**20  # config.json; real ones are a few KiB
@@ -162,6 +120,41 @@ class Gemma4Spec:
     def ple_dim(self) -> int:
         return self.num_hidden_layers * self.hidden_size_per_layer_input
 
+    def kv_layout(self) -> tuple[KVLayer, ...]:
+        """The KV cache the bundle exposes: one entry per KV-owning layer."""
+        return tuple(
+            KVLayer(
+                layer=i,
+                type=self.layer_types[i],
+                kv_heads=self.layer_kv_heads(i),
+                head_dim=self.layer_head_dim(i),
+                # sliding layers return only the last window-1 positions: the cache never grows past that
+                max_length=self.sliding_window - 1 if self.is_sliding(i) else None,
+                shared_by=tuple(
+                    j for j in range(self.num_hidden_layers) if j != i and self.kv_source(j) == i
+                ),
+            )
+            for i in self.kv_layers
+        )
+
+    def kv_cache(self) -> KVCache:
+        return KVCache(KV_DTYPE, self.kv_layout())
+
+    def contract(self) -> Graphs:
+        """The graphs' inputs and outputs (`ple_export.bundle.contract`)."""
+        return graph_contract(
+            self.num_hidden_layers, self.hidden_size_per_layer_input, self.vocab_size, self.kv_layout()
+        )
+
+    def generation(self) -> Generation:
+        return Generation(
+            vocab_size=self.vocab_size,
+            bos_token_id=self.bos_token_id,
+            eos_token_ids=tuple(self.eos_token_id),
+            pad_token_id=self.pad_token_id,
+            final_logit_softcapping=self.final_logit_softcapping,
+        )
+
     @property
     def hf_eos_token_id(self) -> int | list[int]:
         """eos as HF configs spell it: one id, or a list of several."""
@@ -183,17 +176,17 @@ class Gemma4Spec:
         if _no_ple(self.hidden_size_per_layer_input):
             raise UserError(_NO_PLE)
         for name in _SPEC_INTS:
-            _check_int(name, getattr(self, name))
-        _check_int("num_global_key_value_heads", self.num_global_key_value_heads, nullable=True)
+            check_int(name, getattr(self, name))
+        check_int("num_global_key_value_heads", self.num_global_key_value_heads, nullable=True)
         n = self.num_hidden_layers
         if not isinstance(self.layer_types, (tuple, list)) or len(self.layer_types) != n:
-            got = _show(list(self.layer_types) if isinstance(self.layer_types, tuple) else self.layer_types)
+            got = show(list(self.layer_types) if isinstance(self.layer_types, tuple) else self.layer_types)
             raise UserError(
                 f"config.json: field 'layer_types' must list {n} layer types (num_hidden_layers), got {got}"
             )
         bad = [t for t in self.layer_types if t not in (SLIDING, FULL)]
         if bad:
-            raise UserError(f"config.json: unsupported layer type {_show(bad[0])} in layer_types")
+            raise UserError(f"config.json: unsupported layer type {show(bad[0])} in layer_types")
         if self.num_kv_shared_layers >= n:
             raise UserError(
                 f"config.json: field 'num_kv_shared_layers' must be an integer in [0, {n - 1}] "
@@ -212,29 +205,29 @@ class Gemma4Spec:
         for lt, r in self.rope.items():
             where = f"rope_parameters.{lt}."
             if r.rope_type not in SUPPORTED_ROPE_TYPES:
-                raise UserError(f"config.json: unsupported rope_type {_show(r.rope_type)} for {lt}")
-            _check_float(where + "rope_theta", r.theta)
-            _check_float(where + "partial_rotary_factor", r.partial_rotary_factor)
-            _check_float(where + "factor", r.factor)
+                raise UserError(f"config.json: unsupported rope_type {show(r.rope_type)} for {lt}")
+            check_float(where + "rope_theta", r.theta)
+            check_float(where + "partial_rotary_factor", r.partial_rotary_factor)
+            check_float(where + "factor", r.factor)
         if self.hidden_activation not in SUPPORTED_ACTIVATIONS:
-            raise UserError(f"config.json: unsupported hidden_activation {_show(self.hidden_activation)}")
-        _check_float("rms_norm_eps", self.rms_norm_eps)
-        _check_float("final_logit_softcapping", self.final_logit_softcapping, nullable=True)
+            raise UserError(f"config.json: unsupported hidden_activation {show(self.hidden_activation)}")
+        check_float("rms_norm_eps", self.rms_norm_eps)
+        check_float("final_logit_softcapping", self.final_logit_softcapping, nullable=True)
         for name in ("attention_k_eq_v", "use_double_wide_mlp"):
             if not isinstance(getattr(self, name), bool):
                 raise UserError(
-                    f"config.json: field {name!r} must be true or false, got {_show(getattr(self, name))}"
+                    f"config.json: field {name!r} must be true or false, got {show(getattr(self, name))}"
                 )
         ids = Range(0, self.vocab_size - 1)
-        _check_int("pad_token_id", self.pad_token_id, ids, nullable=True, note=" (below vocab_size)")
-        _check_int("bos_token_id", self.bos_token_id, ids, nullable=True, note=" (below vocab_size)")
+        check_int("pad_token_id", self.pad_token_id, ids, nullable=True, note=" (below vocab_size)")
+        check_int("bos_token_id", self.bos_token_id, ids, nullable=True, note=" (below vocab_size)")
         if not isinstance(self.eos_token_id, tuple) or len(self.eos_token_id) > MAX_EOS_TOKENS:
             raise UserError(
                 f"config.json: field 'eos_token_id' must be an id or a list of at most {MAX_EOS_TOKENS} ids, "
-                f"got {_show(self.eos_token_id)}"
+                f"got {show(self.eos_token_id)}"
             )
         for e in self.eos_token_id:
-            _check_int("eos_token_id", e, ids, note=" (below vocab_size)")
+            check_int("eos_token_id", e, ids, note=" (below vocab_size)")
         for i in range(n):
             if self.num_attention_heads % self.layer_kv_heads(i):
                 raise UserError(
@@ -263,8 +256,7 @@ class Gemma4Spec:
             model_type = cfg.get("model_type", "gemma4_text")
         if model_type != "gemma4_text":
             raise UserError(
-                f"config.json: unsupported model_type {_show(model_type)} "
-                "(supported: 'gemma4_text', 'gemma4')"
+                f"config.json: unsupported model_type {show(model_type)} (supported: 'gemma4_text', 'gemma4')"
             )
         f = _Fields(cfg)
         if f.bool("enable_moe_block", False) or f.int("num_experts", None, null=None):
@@ -277,7 +269,7 @@ class Gemma4Spec:
         if bidirectional not in (None, "vision"):
             raise UserError(
                 "config.json: field 'use_bidirectional_attention' must be null, 'vision' or 'all', "
-                f"got {_show(bidirectional)}"
+                f"got {show(bidirectional)}"
             )
         if not f.bool("tie_word_embeddings", True):
             raise UserError(
@@ -298,12 +290,12 @@ class Gemma4Spec:
         eos_list = eos if isinstance(eos, list) else ([] if eos is None else [eos])
         if len(eos_list) > MAX_EOS_TOKENS:
             raise UserError(f"config.json: field 'eos_token_id' lists more than {MAX_EOS_TOKENS} ids")
-        eos_ids = tuple(_check_int("eos_token_id", e, note=" (or a list of such)") for e in eos_list)
+        eos_ids = tuple(check_int("eos_token_id", e, note=" (or a list of such)") for e in eos_list)
         k_eq_v = f.bool("attention_k_eq_v", False)
         full_head_dim, full_kv_heads = _full_layer_overrides(cfg, layer_types, k_eq_v)
         act = cfg.get("hidden_activation", "gelu_pytorch_tanh")
         if act not in SUPPORTED_ACTIVATIONS:
-            raise UserError(f"config.json: unsupported hidden_activation {_show(act)}")
+            raise UserError(f"config.json: unsupported hidden_activation {show(act)}")
         head_dim = f.int("head_dim", 256)
         spec = cls(
             vocab_size=f.int("vocab_size"),
@@ -414,12 +406,54 @@ class Gemma4Spec:
 
     # ---- parameter count -----------------------------------------------------------------------
     def num_parameters(self) -> int:
-        from exporter.weights import hf_weight_shapes  # local: avoid an import cycle
-
         return sum(math.prod(s) for s in hf_weight_shapes(self).values())
 
 
-_MISSING: Any = object()
+# ---- the checkpoint's tensors -------------------------------------------------------------------------
+def _layer_shapes(spec: Gemma4Spec, i: int) -> dict[str, tuple[int, ...]]:
+    h, p = spec.hidden_size, spec.hidden_size_per_layer_input
+    hd, kvh, nh = spec.layer_head_dim(i), spec.layer_kv_heads(i), spec.num_attention_heads
+    inter = spec.layer_intermediate_size(i)
+    shapes: dict[str, tuple[int, ...]] = {
+        "input_layernorm.weight": (h,),
+        "post_attention_layernorm.weight": (h,),
+        "pre_feedforward_layernorm.weight": (h,),
+        "post_feedforward_layernorm.weight": (h,),
+        "layer_scalar": (1,),
+        "self_attn.q_proj.weight": (nh * hd, h),
+        "self_attn.q_norm.weight": (hd,),
+        "self_attn.o_proj.weight": (h, nh * hd),
+        "mlp.gate_proj.weight": (inter, h),
+        "mlp.up_proj.weight": (inter, h),
+        "mlp.down_proj.weight": (h, inter),
+        "per_layer_input_gate.weight": (p, h),
+        "per_layer_projection.weight": (h, p),
+        "post_per_layer_input_norm.weight": (h,),
+    }
+    if spec.owns_kv(i):
+        shapes["self_attn.k_proj.weight"] = (kvh * hd, h)
+        shapes["self_attn.k_norm.weight"] = (hd,)
+        if not spec.k_eq_v(i):
+            shapes["self_attn.v_proj.weight"] = (kvh * hd, h)
+    return shapes
+
+
+def hf_weight_shapes(spec: Gemma4Spec, prefix: str = "model.") -> dict[str, tuple[int, ...]]:
+    """Every tensor a `gemma4_text` checkpoint of this spec holds, HF name -> shape, in a fixed order."""
+    h = spec.hidden_size
+    out: dict[str, tuple[int, ...]] = {
+        prefix + "embed_tokens.weight": (spec.vocab_size, h),
+        prefix + "embed_tokens_per_layer.weight": (spec.vocab_size_per_layer_input, spec.ple_dim),
+        prefix + "per_layer_model_projection.weight": (spec.ple_dim, h),
+        prefix + "per_layer_projection_norm.weight": (spec.hidden_size_per_layer_input,),
+    }
+    for i in range(spec.num_hidden_layers):
+        for suffix, shape in _layer_shapes(spec, i).items():
+            out[f"{prefix}layers.{i}.{suffix}"] = shape
+    out[prefix + "norm.weight"] = (h,)
+    return out
+
+
 # Integer fields of Gemma4Spec checked against INT_BOUNDS by `validate`; the layer count first, as
 # later checks loop over layers.
 _SPEC_INTS = (
@@ -446,108 +480,22 @@ def _no_ple(value: Any) -> bool:
     return value is None or (type(value) in (int, float) and value == 0)
 
 
-def _show(value: Any) -> str:
-    """A value for a one-line message: short, and safe for any JSON value (no repr of containers,
-    which could be deeply nested, nor of integers too long to print)."""
-    if value is None or isinstance(value, bool):
-        return "null" if value is None else str(value).lower()
-    if isinstance(value, int):
-        if abs(value) < 10**15:
-            return str(value)
-        return f"{'-' if value < 0 else ''}~2**{abs(value).bit_length() - 1}"
-    if isinstance(value, float):
-        return repr(value)
-    if isinstance(value, str):
-        text = repr(value)  # escapes newlines and other line breaks: stays one line
-        return text if len(text) <= 40 else text[:36] + "...'"
-    if isinstance(value, list):
-        return f"a list of {len(value)}"
-    if isinstance(value, dict):
-        return f"an object of {len(value)} keys"
-    return f"a {type(value).__name__}"
-
-
-def _bound(name: str, table: dict[str, Range]) -> Range:
-    return table[name.rsplit(".", 1)[-1]]
-
-
-def _check_int(
-    name: str, value: Any, bound: Range | None = None, *, nullable: bool = False, note: str = ""
-) -> Any:
-    """`value` if it is an integer (not a bool, not a float) within `bound` (by default the field's
-    entry in INT_BOUNDS), or null where allowed; else a UserError naming the field and the range."""
-    if value is None and nullable:
-        return None
-    bound = bound or _bound(name, INT_BOUNDS)
-    if isinstance(value, bool) or not isinstance(value, int) or not bound.holds(value):
-        null = " or null" if nullable else ""
-        raise UserError(
-            f"config.json: field {name!r} must be an integer in {bound}{note}{null}, got {_show(value)}"
-        )
-    return value
-
-
-def _check_float(name: str, value: Any, bound: Range | None = None, *, nullable: bool = False) -> Any:
-    """`value` as a float if it is a finite number within `bound` (compared before any conversion:
-    float(10**400) would overflow), or null where allowed; else a UserError naming the field."""
-    if value is None and nullable:
-        return None
-    bound = bound or _bound(name, FLOAT_BOUNDS)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not bound.holds(value):
-        null = " or null" if nullable else ""
-        raise UserError(f"config.json: field {name!r} must be a number in {bound}{null}, got {_show(value)}")
-    return float(value)
-
-
-class _Fields:
-    """Typed, bounded reads of config.json fields; a wrong type or value is an error naming the field.
-
-    `default` is used when the key is absent; `null` (if given) is what a JSON null means."""
-
-    def __init__(self, cfg: dict[str, Any], prefix: str = ""):
-        self.cfg, self.prefix = cfg, prefix
-
-    def _get(self, key: str, default: Any, null: Any) -> Any:
-        if key not in self.cfg:
-            if default is _MISSING:
-                raise UserError(f"config.json: missing required field {self.prefix + key!r}")
-            return default
-        value = self.cfg[key]
-        return null if value is None and null is not _MISSING else value
-
-    def int(self, key: str, default: Any = _MISSING, null: Any = _MISSING) -> Any:
-        value = self._get(key, default, null)
-        return _check_int(self.prefix + key, value, nullable=value is None and null is None)
-
-    def float(self, key: str, default: Any = _MISSING, null: Any = _MISSING) -> Any:
-        value = self._get(key, default, null)
-        return _check_float(self.prefix + key, value, nullable=value is None and null is None)
-
-    def bool(self, key: str, default: bool) -> bool:
-        value = self._get(key, default, default)  # null: the default
-        if not isinstance(value, bool):
-            raise UserError(
-                f"config.json: field {self.prefix + key!r} must be true or false, got {_show(value)}"
-            )
-        return value
-
-
 def _layer_types(raw: Any, n_layers: int) -> tuple[str, ...]:
     """config.json's layer_types (n_layers is already bounded), with transformers' defaults: 5:1
     sliding:full when absent, and the last layer forced to full."""
     if raw is None or (isinstance(raw, list) and not raw):
         raw = [SLIDING if (i + 1) % 6 else FULL for i in range(n_layers)]  # transformers' default 5:1
     if not isinstance(raw, list):
-        raise UserError(f"config.json: field 'layer_types' must be a list of strings, got {_show(raw)}")
+        raise UserError(f"config.json: field 'layer_types' must be a list of strings, got {show(raw)}")
     if len(raw) != n_layers:  # before looking at the entries: the list may be huge
         raise UserError(
             f"config.json: field 'layer_types' must list {n_layers} layer types (num_hidden_layers), "
-            f"got {_show(raw)}"
+            f"got {show(raw)}"
         )
     for t in raw:
         if t not in (SLIDING, FULL):
             raise UserError(
-                f"config.json: unsupported layer type {_show(t)} in layer_types "
+                f"config.json: unsupported layer type {show(t)} in layer_types "
                 f"(supported: {SLIDING!r}, {FULL!r})"
             )
     types = list(raw)
@@ -559,9 +507,9 @@ def _layer_types(raw: Any, n_layers: int) -> tuple[str, ...]:
 def _rope(raw: Any, layer_types: tuple[str, ...]) -> dict[str, RopeSpec]:
     """RoPE of each layer type in use; entries of other (or unknown) keys are not read."""
     if raw is None or (isinstance(raw, dict) and not raw):
-        return {lt: _ROPE_DEFAULT[lt] for lt in set(layer_types)}
+        return {lt: ROPE_DEFAULT[lt] for lt in set(layer_types)}
     if not isinstance(raw, dict):
-        raise UserError(f"config.json: field 'rope_parameters' must be an object, got {_show(raw)}")
+        raise UserError(f"config.json: field 'rope_parameters' must be an object, got {show(raw)}")
     rope: dict[str, RopeSpec] = {}
     for lt in sorted(set(layer_types)):
         p = raw.get(lt)
@@ -569,7 +517,7 @@ def _rope(raw: Any, layer_types: tuple[str, ...]) -> dict[str, RopeSpec]:
             raise UserError(f"config.json: rope_parameters has no entry for {lt}")
         rtype = p.get("rope_type", p.get("type", "default"))  # "type": the legacy spelling
         if rtype not in SUPPORTED_ROPE_TYPES:
-            raise UserError(f"config.json: unsupported rope_type {_show(rtype)} for {lt}")
+            raise UserError(f"config.json: unsupported rope_type {show(rtype)} for {lt}")
         rf = _Fields(p, f"rope_parameters.{lt}.")
         rope[lt] = RopeSpec(
             rtype, rf.float("rope_theta"), rf.float("partial_rotary_factor", 1.0), rf.float("factor", 1.0)
@@ -596,14 +544,14 @@ def _full_layer_overrides(
     those two keys are ignored and each listed layer takes its overrides; we support overrides of
     head_dim / num_key_value_heads on full layers, the same for all of them."""
     if "per_layer_config" not in cfg:
-        head_dim = _check_int("global_head_dim", cfg.get("global_head_dim", 512), nullable=True)
-        kv_heads = _check_int(
+        head_dim = check_int("global_head_dim", cfg.get("global_head_dim", 512), nullable=True)
+        kv_heads = check_int(
             "num_global_key_value_heads", cfg.get("num_global_key_value_heads"), nullable=True
         )
         return head_dim, (kv_heads if k_eq_v else None)
     per_layer = cfg["per_layer_config"]
     if not isinstance(per_layer, dict):
-        raise UserError(f"config.json: field 'per_layer_config' must be an object, got {_show(per_layer)}")
+        raise UserError(f"config.json: field 'per_layer_config' must be an object, got {show(per_layer)}")
     if len(per_layer) > len(layer_types):
         raise UserError(
             f"config.json: per_layer_config has {len(per_layer)} entries for {len(layer_types)} layers"
@@ -613,21 +561,21 @@ def _full_layer_overrides(
         i = _layer_index(key, len(layer_types))
         if i is None or i in overrides or not isinstance(value, dict):
             raise UserError(
-                f"config.json: per_layer_config entry {_show(key)} is not a (distinct) layer index -> object"
+                f"config.json: per_layer_config entry {show(key)} is not a (distinct) layer index -> object"
             )
         unsupported = [k for k in value if k not in ("head_dim", "num_key_value_heads")]
         if layer_types[i] != FULL or unsupported:
-            what = ", ".join(_show(k) for k in (unsupported or list(value))[:3])
+            what = ", ".join(show(k) for k in (unsupported or list(value))[:3])
             raise UserError(
-                f"config.json: per_layer_config[{_show(key)}] overrides {what} on a "
+                f"config.json: per_layer_config[{show(key)}] overrides {what} on a "
                 f"{layer_types[i]} layer; only head_dim/num_key_value_heads of full layers are supported"
             )
-        where = f"per_layer_config[{_show(key)}]."
+        where = f"per_layer_config[{show(key)}]."
         overrides[i] = (
-            _check_int(
+            check_int(
                 where + "head_dim", value.get("head_dim"), INT_BOUNDS["global_head_dim"], nullable=True
             ),
-            _check_int(where + "num_key_value_heads", value.get("num_key_value_heads"), nullable=True),
+            check_int(where + "num_key_value_heads", value.get("num_key_value_heads"), nullable=True),
         )
     full_layers = {i for i, t in enumerate(layer_types) if t == FULL}
     if overrides and (set(overrides) != full_layers or len(set(overrides.values())) > 1):
@@ -635,99 +583,7 @@ def _full_layer_overrides(
     return next(iter(overrides.values())) if overrides else (None, None)
 
 
-_ROPE_DEFAULT = {
+ROPE_DEFAULT = {
     SLIDING: RopeSpec("default", 10_000.0),
     FULL: RopeSpec("proportional", 1_000_000.0, partial_rotary_factor=0.25),
 }
-
-
-def _pattern(n_layers: int, period: int) -> tuple[str, ...]:
-    return tuple(FULL if (i + 1) % period == 0 else SLIDING for i in range(n_layers))
-
-
-PRESETS: dict[str, Gemma4Spec] = {
-    # Tiny sibling for tests and the embedded default: every feature present at toy sizes.
-    "tiny": Gemma4Spec(
-        vocab_size=512,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=6,
-        num_attention_heads=4,
-        num_key_value_heads=1,
-        head_dim=16,
-        global_head_dim=32,
-        layer_types=(SLIDING, SLIDING, FULL, SLIDING, SLIDING, FULL),
-        sliding_window=8,
-        vocab_size_per_layer_input=512,
-        hidden_size_per_layer_input=16,
-        num_kv_shared_layers=2,
-        use_double_wide_mlp=True,
-        final_logit_softcapping=30.0,
-        rope=dict(_ROPE_DEFAULT),
-    ),
-    # ~330M parameters (228M decoder, 101M PLE table): big enough that decode is weight-bandwidth
-    # bound, small enough for CI runners (the ARM profiling workflow, benchmarks/latency.py).
-    "small": Gemma4Spec(
-        vocab_size=32768,
-        hidden_size=1024,
-        intermediate_size=4096,
-        num_hidden_layers=12,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        head_dim=128,
-        global_head_dim=256,
-        layer_types=_pattern(12, 6),
-        sliding_window=512,
-        vocab_size_per_layer_input=32768,
-        hidden_size_per_layer_input=256,
-        num_kv_shared_layers=4,
-        use_double_wide_mlp=False,
-        final_logit_softcapping=30.0,
-        rope=dict(_ROPE_DEFAULT),
-    ),
-    # Gemma 4 E2B (see shared/NOTES.md): hidden 1536, 35 layers [S,S,S,S,F]x7, 20 KV-shared layers.
-    "e2b": Gemma4Spec(
-        vocab_size=262_144,
-        hidden_size=1536,
-        intermediate_size=6144,
-        num_hidden_layers=35,
-        num_attention_heads=8,
-        num_key_value_heads=1,
-        head_dim=256,
-        global_head_dim=512,
-        layer_types=_pattern(35, 5),
-        sliding_window=512,
-        vocab_size_per_layer_input=262_144,
-        hidden_size_per_layer_input=256,
-        num_kv_shared_layers=20,
-        use_double_wide_mlp=True,
-        final_logit_softcapping=30.0,
-        rope=dict(_ROPE_DEFAULT),
-        eos_token_id=(1, 106),
-    ),
-    # Gemma 4 E4B: hidden 2560, 42 layers [S,S,S,S,S,F]x7, 18 KV-shared layers.
-    "e4b": Gemma4Spec(
-        vocab_size=262_144,
-        hidden_size=2560,
-        intermediate_size=10240,
-        num_hidden_layers=42,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        head_dim=256,
-        global_head_dim=512,
-        layer_types=_pattern(42, 6),
-        sliding_window=512,
-        vocab_size_per_layer_input=262_144,
-        hidden_size_per_layer_input=256,
-        num_kv_shared_layers=18,
-        final_logit_softcapping=30.0,
-        rope=dict(_ROPE_DEFAULT),
-        eos_token_id=(1, 106),
-    ),
-}
-
-
-def get_preset(name: str) -> Gemma4Spec:
-    if name not in PRESETS:
-        raise UserError(f"unknown preset {name!r} (choose from: {', '.join(PRESETS)})")
-    return PRESETS[name]

@@ -25,11 +25,10 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from exporter.errors import UserError
-from exporter.outdir import staged_output
-from exporter.safetensors_io import SafetensorsWriter
-from exporter.spec import Gemma4Spec
-from exporter.weights import hf_weight_shapes
+from exporter.safetensors_writer import SafetensorsWriter
+from exporter.spec import Gemma4Spec, hf_weight_shapes
+from ple_export.errors import UserError
+from ple_export.outdir import staged_output
 
 # CLI dtype -> (safetensors code, HF torch_dtype name, numpy dtype)
 DTYPES: dict[str, tuple[str, str, Any]] = {

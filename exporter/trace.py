@@ -21,16 +21,10 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from exporter.gemma4 import Gemma4Decoder, PLEEmbedder
-from exporter.manifest import IR_VERSION, OPSET
 from exporter.spec import Gemma4Spec
-
-
-def kv_input_names(spec: Gemma4Spec) -> list[str]:
-    return [f"past_{kv}.{i}" for i in spec.kv_layers for kv in ("key", "value")]
-
-
-def kv_output_names(spec: Gemma4Spec) -> list[str]:
-    return [f"present_{kv}.{i}" for i in spec.kv_layers for kv in ("key", "value")]
+from ple_export.bundle.contract import BATCH, LOGITS, SEQUENCE, past_length
+from ple_export.bundle.format import IR_VERSION, OPSET
+from ple_export.bundle.manifest import GraphIO
 
 
 @contextlib.contextmanager
@@ -82,11 +76,13 @@ def _quiet() -> Iterator[None]:
             logging.getLogger("torch").setLevel(level)
 
 
-def _finish(model: ir.Model, input_names: list[str], output_names: list[str], graph_name: str) -> ir.Model:
-    for value, name in zip(model.graph.inputs, input_names, strict=True):
-        value.name = name
-    for value, name in zip(model.graph.outputs, output_names, strict=True):
-        value.name = name
+def _finish(model: ir.Model, contract: GraphIO, graph_name: str) -> ir.Model:
+    """Name the traced graph's inputs and outputs as the contract says (the tracer's order is the
+    forward's argument order, which is the contract's)."""
+    for value, tensor in zip(model.graph.inputs, contract.inputs, strict=True):
+        value.name = tensor.name
+    for value, tensor in zip(model.graph.outputs, contract.outputs, strict=True):
+        value.name = tensor.name
     model.graph.name = graph_name
     model.ir_version = IR_VERSION
     model.producer_name = "ple-export"
@@ -120,20 +116,20 @@ def trace_decoder(spec: Gemma4Spec) -> ir.Model:
         ids = torch.zeros(b, s, dtype=torch.int64)
         per_layer_inputs = torch.zeros(b, s, spec.num_hidden_layers, spec.hidden_size_per_layer_input)
         past = []
-        batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
+        batch, seq = torch.export.Dim(BATCH), torch.export.Dim(SEQUENCE)
         past_shapes = []
-        for i in spec.kv_layers:
-            shape = (b, spec.layer_kv_heads(i), p, spec.layer_head_dim(i))
+        for kv in spec.kv_layout():
+            shape = (b, kv.kv_heads, p, kv.head_dim)
             past += [torch.zeros(shape), torch.zeros(shape)]
             # every KV layer gets its own past length: sliding layers stop at window - 1
-            past_len = torch.export.Dim(f"past_sequence_{i}")
+            past_len = torch.export.Dim(past_length(kv.layer))
             past_shapes += [{0: batch, 2: past_len}, {0: batch, 2: past_len}]
         logits_positions = torch.tensor([0, 1, 3, 4])  # 4: a length no other dimension has here
         dynamic_shapes = (
             {0: batch, 1: seq},
             {0: batch, 1: seq},
             {0: batch, 1: seq},
-            {0: torch.export.Dim("logits")},
+            {0: torch.export.Dim(LOGITS)},
             tuple(past_shapes),
         )
         program = torch.onnx.export(
@@ -145,10 +141,8 @@ def trace_decoder(spec: Gemma4Spec) -> ir.Model:
             optimize=False,
             verbose=False,
         )
-    inputs = ["input_ids", "per_layer_inputs", "position_ids", "logits_positions", *kv_input_names(spec)]
-    outputs = ["logits", *kv_output_names(spec)]
     assert program is not None
-    return _finish(program.model, inputs, outputs, "decoder")
+    return _finish(program.model, spec.contract().decoder, "decoder")
 
 
 def trace_embedder(spec: Gemma4Spec, table_dtype: torch.dtype) -> ir.Model:
@@ -156,7 +150,7 @@ def trace_embedder(spec: Gemma4Spec, table_dtype: torch.dtype) -> ir.Model:
     with _interruptible(), _quiet(), FakeTensorMode(allow_non_fake_inputs=True):
         module = PLEEmbedder(spec, table_dtype).eval()
         ids = torch.zeros(2, 5, dtype=torch.int64)
-        batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
+        batch, seq = torch.export.Dim(BATCH), torch.export.Dim(SEQUENCE)
         program = torch.onnx.export(
             module,
             (ids,),
@@ -167,4 +161,4 @@ def trace_embedder(spec: Gemma4Spec, table_dtype: torch.dtype) -> ir.Model:
             verbose=False,
         )
     assert program is not None
-    return _finish(program.model, ["input_ids"], ["per_layer_inputs"], "ple_embedder")
+    return _finish(program.model, spec.contract().embedder, "ple_embedder")

@@ -10,13 +10,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Protocol
 
-from exporter.errors import UserError
-from exporter.spec import Gemma4Spec
+from exporter.spec import Gemma4Spec, hf_weight_shapes
+from ple_export.bundle.format import PLE_TABLE_TENSOR
+from ple_export.errors import UserError
 
 # HF name (below the text prefix) -> our name. Shapes come from `_shapes` below.
 GLOBAL_MAP: dict[str, str] = {
     "embed_tokens.weight": "embed.weight",  # also the LM head (tied)
-    "embed_tokens_per_layer.weight": "ple_table",  # lives in the embedder graph (flash)
+    "embed_tokens_per_layer.weight": PLE_TABLE_TENSOR,  # lives in the embedder graph (flash)
     "per_layer_model_projection.weight": "ple_projection.weight",
     "per_layer_projection_norm.weight": "ple_projection_norm.weight",
     "norm.weight": "final_norm.weight",
@@ -59,50 +60,6 @@ NON_TEXT_PREFIXES = (
 class HasShape(Protocol):
     @property
     def shape(self) -> tuple[int, ...]: ...
-
-
-def _layer_shapes(spec: Gemma4Spec, i: int) -> dict[str, tuple[int, ...]]:
-    h, p = spec.hidden_size, spec.hidden_size_per_layer_input
-    hd, kvh, nh = spec.layer_head_dim(i), spec.layer_kv_heads(i), spec.num_attention_heads
-    inter = spec.layer_intermediate_size(i)
-    shapes: dict[str, tuple[int, ...]] = {
-        "input_layernorm.weight": (h,),
-        "post_attention_layernorm.weight": (h,),
-        "pre_feedforward_layernorm.weight": (h,),
-        "post_feedforward_layernorm.weight": (h,),
-        "layer_scalar": (1,),
-        "self_attn.q_proj.weight": (nh * hd, h),
-        "self_attn.q_norm.weight": (hd,),
-        "self_attn.o_proj.weight": (h, nh * hd),
-        "mlp.gate_proj.weight": (inter, h),
-        "mlp.up_proj.weight": (inter, h),
-        "mlp.down_proj.weight": (h, inter),
-        "per_layer_input_gate.weight": (p, h),
-        "per_layer_projection.weight": (h, p),
-        "post_per_layer_input_norm.weight": (h,),
-    }
-    if spec.owns_kv(i):
-        shapes["self_attn.k_proj.weight"] = (kvh * hd, h)
-        shapes["self_attn.k_norm.weight"] = (hd,)
-        if not spec.k_eq_v(i):
-            shapes["self_attn.v_proj.weight"] = (kvh * hd, h)
-    return shapes
-
-
-def hf_weight_shapes(spec: Gemma4Spec, prefix: str = "model.") -> dict[str, tuple[int, ...]]:
-    """Every tensor a `gemma4_text` checkpoint of this spec holds, HF name -> shape, in a fixed order."""
-    h = spec.hidden_size
-    out: dict[str, tuple[int, ...]] = {
-        prefix + "embed_tokens.weight": (spec.vocab_size, h),
-        prefix + "embed_tokens_per_layer.weight": (spec.vocab_size_per_layer_input, spec.ple_dim),
-        prefix + "per_layer_model_projection.weight": (spec.ple_dim, h),
-        prefix + "per_layer_projection_norm.weight": (spec.hidden_size_per_layer_input,),
-    }
-    for i in range(spec.num_hidden_layers):
-        for suffix, shape in _layer_shapes(spec, i).items():
-            out[f"{prefix}layers.{i}.{suffix}"] = shape
-    out[prefix + "norm.weight"] = (h,)
-    return out
 
 
 def our_name(hf_suffix: str) -> str | None:

@@ -16,11 +16,12 @@ Weights a recipe keeps, or whose K no block size divides, stay float (and are re
 from __future__ import annotations
 
 import onnx_ir as ir
-from onnx_ir.passes import InPlacePass, PassResult
+from onnx_ir.passes import InPlacePass
 
+from graphs.counted import QuantizedWeights
 from graphs.patterns import MS_DOMAIN, replace_node, transposed_initializer
-from graphs.recipe import QuantRecipe, bits_of
 from graphs.weight_plan import quantized_inputs
+from ple_export.bundle.recipe import QuantRecipe, bits_of
 
 
 def linear_weights(graph: ir.Graph) -> dict[str, list[tuple[ir.Node, ir.Node | None]]]:
@@ -52,28 +53,29 @@ def linear_weights(graph: ir.Graph) -> dict[str, list[tuple[ir.Node, ir.Node | N
 
 
 class LinearToMatMulNBits(InPlacePass):
+    """Returns `QuantizedWeights`: the weights quantized (with their block size) and those kept float
+    (with why)."""
+
     def __init__(self, recipe: QuantRecipe):
         super().__init__()
         self.recipe = recipe
-        self.kept: dict[str, str] = {}  # weight name -> why it stayed float
-        self.quantized: dict[str, int] = {}  # weight name -> block size used
 
-    def call(self, model: ir.Model) -> PassResult:
+    def call(self, model: ir.Model) -> QuantizedWeights:
+        result = QuantizedWeights(model, False)
         if self.recipe.weights == "none":
-            return PassResult(model, False)
+            return result
         graph = model.graph
         bits = bits_of(self.recipe.weights)
-        modified = False
         for name, uses in linear_weights(graph).items():
             weight = graph.initializers[name]
             assert weight.shape is not None
             n, k = weight.shape.numpy()
             if self.recipe.keeps(name):
-                self.kept[name] = "kept by --keep"
+                result.kept[name] = "kept by --keep"
                 continue
             block = self.recipe.block_for(k)
             if block is None:
-                self.kept[name] = f"no power-of-two block size >= 16 divides K={k}"
+                result.kept[name] = f"no power-of-two block size >= 16 divides K={k}"
                 continue
             data, scales, zp = quantized_inputs(
                 graph,
@@ -109,11 +111,12 @@ class LinearToMatMulNBits(InPlacePass):
             self._quantize_lookups(graph, weight, bits, block)
             if not weight.uses():
                 graph.initializers.pop(name)
-            self.quantized[name] = block
-            modified = True
-        if modified:
+            result.quantized[name] = block
+        result.matches = len(result.quantized)
+        result.modified = bool(result.quantized)
+        if result.modified:
             model.opset_imports.setdefault(MS_DOMAIN, 1)
-        return PassResult(model, modified)
+        return result
 
     def _quantize_lookups(self, graph: ir.Graph, weight: ir.Value, bits: int, block: int) -> None:
         """`Gather(W, ids)` (axis 0) of a quantized, tied weight -> GatherBlockQuantized."""

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-MS_DOMAIN = "com.microsoft"
+from ple_export.bundle.format import MS_DOMAIN
+
+__all__ = ["MS_DOMAIN", "replace_node", "take_over", "transposed_initializer"]
 
 
 def transposed_initializer(node: ir.Node) -> ir.Value | None:

@@ -5,7 +5,8 @@
                                                         ple_table.scales [V, L*P/block]
 
 onnxruntime reads a uint8 GatherBlockQuantized table in place from its memory map (no prepack, no
-heap copy: measured in tests/graphs/test_ple_table_quant.py), so the table stays in flash. With the
+heap copy: tests/test_bundle.py::test_onnxruntime_maps_the_ple_table_instead_of_copying_it measures
+anonymous RSS against a control), so the table stays in flash. With the
 default block (int8: the PLE width, one scale per layer slice of a row) a token reads its row's
 codes plus one small row of scales. The output takes the scales' type (float32 or float16).
 """
@@ -13,13 +14,15 @@ codes plus one small row of scales. The output takes the scales' type (float32 o
 from __future__ import annotations
 
 import onnx_ir as ir
-from onnx_ir.passes import InPlacePass, PassResult
+from onnx_ir.passes import InPlacePass
 
+from graphs.counted import QuantizedTable
 from graphs.patterns import MS_DOMAIN, replace_node
-from graphs.recipe import QuantRecipe, bits_of
 from graphs.weight_plan import quantized_inputs
+from ple_export.bundle.format import PLE_TABLE_TENSOR
+from ple_export.bundle.recipe import QuantRecipe, bits_of
 
-TABLE = "ple_table"
+TABLE = PLE_TABLE_TENSOR
 
 
 class PleTableToGatherBlockQuantized(InPlacePass):
@@ -27,18 +30,17 @@ class PleTableToGatherBlockQuantized(InPlacePass):
         super().__init__()
         self.recipe = recipe
         self.ple_dim = ple_dim
-        self.block_size: int | None = None
 
-    def call(self, model: ir.Model) -> PassResult:
+    def call(self, model: ir.Model) -> QuantizedTable:
         if self.recipe.ple == "none":
-            return PassResult(model, False)
+            return QuantizedTable(model, False)
         graph = model.graph
         table = graph.initializers[TABLE]
         assert table.shape is not None
         row = int(table.shape.numpy()[1])
         block = self.recipe.ple_block_for(self.ple_dim, row)
         if block is None:
-            return PassResult(model, False)
+            return QuantizedTable(model, False)
         bits = bits_of(self.recipe.ple)
         data, scales, zp = quantized_inputs(
             graph,
@@ -66,5 +68,4 @@ class PleTableToGatherBlockQuantized(InPlacePass):
             node.outputs[0].type = scales.type if scales is not None else None
         graph.initializers.pop(TABLE)
         model.opset_imports.setdefault(MS_DOMAIN, 1)
-        self.block_size = block
-        return PassResult(model, True)
+        return QuantizedTable(model, True, 1, block)

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
-from onnx_ir.passes import InPlacePass, PassResult
+from onnx_ir.passes import InPlacePass
 
+from graphs.counted import Counted
 from graphs.patterns import MS_DOMAIN, take_over
 from graphs.weight_plan import BlockQuant, plan_of, register_planned
 
@@ -69,23 +70,19 @@ def _merged_input(graph: ir.Graph, values: list[ir.Value], name: str) -> ir.Valu
 
 
 class MergeSiblingMatMulNBits(InPlacePass):
-    def __init__(self) -> None:
-        super().__init__()
-        self.merged: list[list[str]] = []  # node names per merge, for reports and tests
+    """Returns `Counted`: how many groups of siblings were merged."""
 
-    def call(self, model: ir.Model) -> PassResult:
+    def call(self, model: ir.Model) -> Counted:
         graph = model.graph
         groups: dict[tuple[object, ...], list[ir.Node]] = {}
         for node in graph:
             key = _member_key(node)
             if key is not None:
                 groups.setdefault(key, []).append(node)
-        modified = False
-        for nodes in groups.values():
-            if len(nodes) > 1:
-                self._merge(graph, nodes)
-                modified = True
-        return PassResult(model, modified)
+        merged = [nodes for nodes in groups.values() if len(nodes) > 1]
+        for nodes in merged:
+            self._merge(graph, nodes)
+        return Counted.of(model, len(merged))
 
     def _merge(self, graph: ir.Graph, nodes: list[ir.Node]) -> None:
         first = nodes[0]
@@ -128,4 +125,3 @@ class MergeSiblingMatMulNBits(InPlacePass):
             for w in weights:
                 if not w.uses() and w.name is not None and w.name in graph.initializers:
                     graph.initializers.pop(w.name)
-        self.merged.append([n.name or "" for n in nodes])

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
-from onnx_ir.passes import InPlacePass, PassResult
+from onnx_ir.passes import InPlacePass
 
-from graphs.patterns import transposed_initializer
+from graphs.counted import Counted
+from graphs.patterns import take_over, transposed_initializer
 
 
 def _const(name: str, values: list[int]) -> ir.Node:
@@ -27,9 +28,9 @@ def _const(name: str, values: list[int]) -> ir.Node:
 
 
 class TiedLmHeadToGemm(InPlacePass):
-    def call(self, model: ir.Model) -> PassResult:
+    def call(self, model: ir.Model) -> Counted:
         graph = model.graph
-        modified = False
+        rewritten = 0
         for transpose in list(graph):
             weight = transposed_initializer(transpose)
             if weight is None:
@@ -75,16 +76,8 @@ class TiedLmHeadToGemm(InPlacePass):
                 )
                 new_nodes = [flat_shape, vocab_dim, lead, out_shape, flat, gemm, out]
                 graph.insert_before(matmul, new_nodes)
-                old = matmul.outputs[0]
-                new = out.outputs[0]
-                new.shape, new.type = old.shape, old.type
-                was_output = old.is_graph_output()
-                name = old.name
-                old.replace_all_uses_with(new, replace_graph_outputs=True)
-                if was_output:  # keep the graph's public output name
-                    old.name = f"{name}.replaced"
-                    new.name = name
+                take_over(matmul.outputs[0], out.outputs[0])  # the graph's output keeps its name
                 graph.remove(matmul, safe=True)
             graph.remove(transpose, safe=True)
-            modified = True
-        return PassResult(model, modified)
+            rewritten += 1
+        return Counted.of(model, rewritten)

@@ -25,7 +25,7 @@ _pending: int | None = None
 
 def _raise_for(signum: int) -> None:
     if signum == signal.SIGTERM:
-        from exporter.errors import Terminated
+        from ple_export.errors import Terminated
 
         raise Terminated
     raise KeyboardInterrupt

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
-from exporter.errors import UserError
+from ple_export.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,12 @@ class Sampler:
 
     def rng(self) -> np.random.Generator:
         return np.random.default_rng(self.seed)
+
+    def picker(self) -> Callable[[np.ndarray], np.ndarray]:
+        """logits [B, V] -> token ids [B], with this sampler's own seeded generator."""
+        self.validate()
+        rng = self.rng()
+        return lambda logits: self(logits, rng)
 
     def __call__(self, logits: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """logits [B, V] -> token ids [B]."""

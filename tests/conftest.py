@@ -17,7 +17,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from hypothesis import HealthCheck, settings  # noqa: E402
 
-from exporter.spec import Gemma4Spec, get_preset  # noqa: E402
+from exporter.presets import get_preset  # noqa: E402
+from exporter.spec import Gemma4Spec  # noqa: E402
 
 # Fuzzers (hypothesis): seeded and bounded by default so CI stays fast; `PLE_FUZZ=nightly` runs many
 # more examples with fresh randomness.
@@ -57,7 +58,7 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def bundles(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from exporter.export import ExportOptions, export_bundle
-    from graphs.recipe import QuantRecipe
+    from ple_export.bundle.recipe import QuantRecipe
 
     root = tmp_path_factory.mktemp("bundles")
     fp32 = ExportOptions(recipe=QuantRecipe.none())  # the reference bundles: parity is strict in fp32

@@ -15,7 +15,7 @@ import pytest
 
 from exporter.export import ExportOptions, export_bundle
 from exporter.synth import synth_checkpoint
-from graphs.recipe import QuantRecipe
+from ple_export.bundle.recipe import QuantRecipe
 from tests.conftest import ROOT, VARIANTS
 
 
@@ -138,8 +138,8 @@ def test_ple_dtype_option_converts_the_table(checkpoints: dict[str, Path], tmp_p
     )
     table = _load_proto(out.out_dir / "embedder.onnx").graph.initializer[0]
     assert table.data_type == onnx.TensorProto.FLOAT
-    assert out.manifest["ple"]["row_bytes"] == VARIANTS["tiny"].ple_dim * 4
-    assert out.manifest["export_options"]["page_size"] == 4096
+    assert out.manifest.ple.row_bytes == VARIANTS["tiny"].ple_dim * 4
+    assert out.manifest.export_options["page_size"] == 4096
 
 
 _RSS_PROBE = textwrap.dedent("""
@@ -203,7 +203,8 @@ def test_fp16_and_fp32_checkpoints_export_and_match_the_reference(dtype: str, tm
     import numpy as np
     import torch
 
-    from exporter.reference import greedy_logits, load_reference
+    from exporter.reference import TorchModel
+    from runtime_harness import loop
     from runtime_harness.session import BundleSession
 
     spec = VARIANTS["tiny"]
@@ -212,17 +213,18 @@ def test_fp16_and_fp32_checkpoints_export_and_match_the_reference(dtype: str, tm
     table = _load_proto(bundle / "embedder.onnx").graph.initializer[0]
     assert table.data_type == {"fp16": onnx.TensorProto.FLOAT16, "fp32": onnx.TensorProto.FLOAT}[dtype]
     prompt = torch.randint(0, spec.vocab_size, (1, 12), generator=torch.Generator().manual_seed(3))
-    ref = greedy_logits(*load_reference(ckpt), prompt, 4)
-    ours = BundleSession(bundle).generate(prompt.numpy(), 4, stop_at_eos=False).step_logits
-    for a, b in zip(ours, ref, strict=True):
-        assert np.abs(a - b.numpy()).max() <= 1e-4 * np.abs(b.numpy()).max()
+    ref = loop.generate(TorchModel(ckpt), prompt.numpy(), 4, stop_at_eos=False, keep_logits=True)
+    ours = loop.generate(BundleSession(bundle), prompt.numpy(), 4, stop_at_eos=False, keep_logits=True)
+    assert ours.rows == ref.rows
+    for a, b in zip(ours.step_logits, ref.step_logits, strict=True):
+        assert np.abs(a - b).max() <= 1e-4 * np.abs(b).max()
 
 
 _ADVICE_PROBE = textwrap.dedent("""
     import json, sys
     from pathlib import Path
     import numpy as np
-    from runtime_harness import memory
+    from runtime_harness.measure import memory
     from runtime_harness.session import BundleSession
 
     bundle, advise = Path(sys.argv[1]), sys.argv[2] == "1"

@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 
-from exporter.spec import get_preset
+from exporter.presets import get_preset
 
 TINY = get_preset("tiny")
 SHARD_1 = "model-00001-of-00002.safetensors"
@@ -120,7 +120,7 @@ def earlier_manifest(files: dict[str, bytes]) -> dict[str, Any]:
             "pages_per_token": {"min": 1, "mean": 1, "max": 1},
         },
         "kv_cache": {"layers": []},
-        "generation": {"eos_token_ids": [1]},
+        "generation": {"vocab_size": 1, "eos_token_ids": [1]},
     }
 
 

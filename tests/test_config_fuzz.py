@@ -24,8 +24,10 @@ from hypothesis import Phase, event, given, note, settings
 from hypothesis import strategies as st
 from hypothesis.control import currently_in_test_context
 
-from exporter.errors import UserError
-from exporter.spec import FLOAT_BOUNDS, INT_BOUNDS, MAX_PARAMETERS, Gemma4Spec, get_preset
+from exporter.config_fields import FLOAT_BOUNDS, INT_BOUNDS
+from exporter.presets import get_preset
+from exporter.spec import MAX_PARAMETERS, Gemma4Spec
+from ple_export.errors import UserError
 from tests.conftest import VARIANTS
 
 LIMIT_S = 2.0  # per example; parsing a real config takes well under a millisecond

@@ -21,10 +21,11 @@ from pathlib import Path
 import onnx
 import pytest
 
-from exporter import manifest as manifest_mod
-from exporter.errors import UserError, os_error
-from exporter.outdir import OWNER_FILE, check_output, staged_output
 from exporter.synth import is_earlier_checkpoint
+from ple_export.bundle import manifest as manifest_mod
+from ple_export.bundle.members import sha256_file
+from ple_export.errors import UserError, os_error
+from ple_export.outdir import OWNER_FILE, check_output, staged_output
 from tests.test_cli import (
     ENV,
     Job,
@@ -172,7 +173,7 @@ def test_demo_overwrite_keeps_foreign_subfolders(tmp_path: Path) -> None:
 
 
 def test_missing_parents_of_the_output_are_created(tmp_path: Path) -> None:
-    from exporter.outdir import staged_output
+    from ple_export.outdir import staged_output
 
     out = tmp_path / "a" / "b" / "c"
     with staged_output(out, False) as tmp:
@@ -199,12 +200,16 @@ def test_paths_with_markup_or_control_characters(name: str, tmp_path: Path) -> N
 def test_inspect_shows_manifest_strings_literally(bundle: Path, tmp_path: Path) -> None:
     b = copy_bundle(bundle, tmp_path / "b")
     doc = json.loads((b / "manifest.json").read_text())
-    doc["files"][0]["role"] = "[red]evil[/red]"
+    tensor = next(iter(doc["quantization"]["tensors"].values()))
+    tensor["precision"] = "[red]evil[/red]"
     doc["ple"]["dtype"] = "[/]"
     (b / "manifest.json").write_text(json.dumps(doc))
     proc = cli("inspect", b, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "[red]evil[/red]" in proc.stdout and "([/])" in proc.stdout
+    doc["files"][0]["role"] = "[red]evil[/red]"  # a role is one of the format's: anything else is refused
+    (b / "manifest.json").write_text(json.dumps(doc))
+    assert "[red]evil[/red]" in assert_user_error(cli("inspect", b, cwd=tmp_path), "files[0].role")
 
 
 # ---- 5. operating-system errors ----------------------------------------------------------------------
@@ -288,7 +293,7 @@ def _external_data_elsewhere(b: Path, tmp: Path) -> str:
     doc = json.loads((b / "manifest.json").read_text())
     entry = next(f for f in doc["files"] if f["path"] == "embedder.onnx")
     entry["bytes"] = (b / "embedder.onnx").stat().st_size
-    entry["sha256"] = manifest_mod.sha256_file(b / "embedder.onnx")
+    entry["sha256"] = sha256_file(b / "embedder.onnx")
     (b / "manifest.json").write_text(json.dumps(doc))
     return "which the manifest does not list"
 
@@ -473,13 +478,13 @@ def test_an_interrupted_swap_is_put_back(tmp_path: Path) -> None:
     (old / "previous").mkdir(parents=True)
     (old / "previous" / "keep.txt").write_text("keep\n")
     (old / OWNER_FILE).write_text("999999999 1\n")
-    from exporter.outdir import remove_stale
+    from ple_export.outdir import remove_stale
 
     remove_stale(out)
     assert (out / "keep.txt").read_text() == "keep\n" and not old.exists()
 
 
 def _own_start_time() -> str:
-    from exporter.outdir import _start_time
+    from ple_export.outdir import _start_time
 
     return _start_time(os.getpid())

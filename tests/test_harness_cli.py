@@ -12,7 +12,7 @@ import pytest
 from exporter import assets
 from exporter.export import ExportOptions, export_bundle
 from exporter.quantize import quantize_bundle
-from graphs.recipe import QuantRecipe
+from ple_export.bundle.recipe import QuantRecipe
 from tests.test_cli import assert_user_error, cli
 
 TRAINED = Path(assets.__file__).parent / "tiny_trained"

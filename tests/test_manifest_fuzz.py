@@ -22,8 +22,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from exporter import manifest as manifest_mod
-from exporter.errors import UserError
+from ple_export.bundle import manifest as manifest_mod
+from ple_export.errors import UserError
 
 EXAMPLE_SECONDS = 20.0
 

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from exporter.reference import greedy_logits, load_reference
+from exporter.reference import TorchModel
+from runtime_harness import loop
 from runtime_harness.session import BundleSession
 from tests.conftest import VARIANTS
 
@@ -61,15 +62,19 @@ def hf_logits(checkpoints: dict[str, Path]) -> dict[str, list[torch.Tensor]]:
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_module_matches_transformers(variant: str, checkpoints: dict[str, Path], hf_logits) -> None:
-    spec, embedder, decoder = load_reference(checkpoints[variant])
-    ours = greedy_logits(spec, embedder, decoder, _prompt(spec.vocab_size), STEPS)
-    assert_close([t.numpy() for t in ours], hf_logits[variant], f"module[{variant}]")
+    model = TorchModel(checkpoints[variant])
+    gen = loop.generate(
+        model, _prompt(model.spec.vocab_size).numpy(), STEPS, stop_at_eos=False, keep_logits=True
+    )
+    assert len(gen.step_logits) == STEPS
+    assert_close(gen.step_logits, hf_logits[variant], f"module[{variant}]")
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_bundle_matches_transformers(variant: str, bundles: dict[str, Path], hf_logits) -> None:
     session = BundleSession(bundles[variant])
-    gen = session.generate(_prompt(VARIANTS[variant].vocab_size).numpy(), STEPS, stop_at_eos=False)
+    prompt = _prompt(VARIANTS[variant].vocab_size).numpy()
+    gen = loop.generate(session, prompt, STEPS, stop_at_eos=False, keep_logits=True)
     assert len(gen.step_logits) == STEPS
     assert_close(gen.step_logits, hf_logits[variant], f"bundle[{variant}]")
 
@@ -93,8 +98,9 @@ def test_bundle_chunked_prefill_matches_transformers(
     checkpoints: dict[str, Path], bundles: dict[str, Path]
 ) -> None:
     """A prompt fed in two chunks (12 tokens, then 10 over the non-empty cache, crossing the
-    window) gives the logits of one 22-token pass, batch 2 (bundles exported with onnxruntime's
-    GroupQueryAttention took such a chunk one batch row at a time; BundleSession still splits it)."""
+    window) gives the logits of one 22-token pass, batch 2, through the current graph in one call
+    per chunk (only bundles exported with onnxruntime's GroupQueryAttention take such a chunk one
+    batch row at a time)."""
     from transformers import Gemma4ForCausalLM
 
     prompt = torch.randint(
@@ -105,10 +111,13 @@ def test_bundle_chunked_prefill_matches_transformers(
     )
     ref = model.eval()(input_ids=prompt).logits
     session = BundleSession(bundles["tiny"])
+    assert not session._rows_one_by_one  # our graph takes a batched chunk as it is
+    runs = []
+    session.decoder.run = lambda *a, _run=session.decoder.run: runs.append(1) or _run(*a)  # type: ignore[method-assign]
     cache = session.new_cache(2)
     first = session.forward(prompt[:, :12].numpy(), cache)
     second = session.forward(prompt[:, 12:].numpy(), cache)
-    assert cache.position == 22
+    assert cache.position == 22 and len(runs) == 2  # one decoder call per chunk, both rows at once
     ours = np.concatenate([first, second], axis=1)
     scale = float(ref.abs().max())
     err = float(np.abs(ours - ref.numpy()).max())
@@ -125,9 +134,7 @@ def test_prefill_computes_only_the_logits_asked_for(bundles: dict[str, Path]) ->
     assert every.shape[1] == PROMPT_LEN and last.shape[1] == 1
     np.testing.assert_allclose(last[:, 0], every[:, -1], rtol=1e-5, atol=1e-5)
     # the graph itself: asked for positions [2, 0], it returns exactly those two rows
-    names = {
-        d["role"]: d["name"] for d in session.manifest["graphs"]["decoder"]["inputs"] if "layer" not in d
-    }
+    names = {t.role: t.name for t in session.manifest.graphs.decoder.inputs if t.layer is None}
     cache = session.new_cache(1)
     feeds = {
         names["input_ids"]: prompt,

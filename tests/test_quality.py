@@ -10,7 +10,7 @@ import pytest
 from exporter import assets
 from exporter.export import ExportOptions, export_bundle
 from exporter.quantize import quantize_bundle
-from graphs.recipe import QuantRecipe
+from ple_export.bundle.recipe import QuantRecipe
 from runtime_harness.quality import QualityOptions, compare
 
 TRAINED = Path(assets.__file__).parent / "tiny_trained"
@@ -35,9 +35,9 @@ def fp32(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_recipes_meet_their_thresholds(name: str, fp32: Path, tmp_path: Path) -> None:
     bundle = quantize_bundle(fp32, tmp_path / name, RECIPES[name]).out_dir
     report = compare(bundle, fp32, OPTS)
-    assert report["passed"], report["failures"]
-    assert report["perplexity_reference"] < 80  # the trained model, not noise (unigram: ~557)
-    assert report["perplexity_ratio"] >= 1.0 - 1e-3  # quantization does not improve a model
+    assert report.passed, report.failures
+    assert report.perplexity_reference < 80  # the trained model, not noise (unigram: ~557)
+    assert report.perplexity_ratio >= 1.0 - 1e-3  # quantization does not improve a model
 
 
 def test_a_broken_quantizer_fails_them(fp32: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -55,4 +55,4 @@ def test_a_broken_quantizer_fails_them(fp32: Path, tmp_path: Path, monkeypatch: 
     monkeypatch.setattr(weight_plan.BlockQuant, "pack", swapped)
     bundle = quantize_bundle(fp32, tmp_path / "broken", QuantRecipe()).out_dir
     report = compare(bundle, fp32, OPTS)
-    assert not report["passed"] and report["perplexity_ratio"] > 1.06
+    assert not report.passed and report.perplexity_ratio > 1.06

@@ -3,17 +3,18 @@ same bytes; bad input refused with one line and nothing written."""
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from exporter.errors import UserError
 from exporter.export import ExportOptions, export_bundle
 from exporter.quantize import quantize_bundle
-from graphs.recipe import QuantRecipe
+from ple_export.bundle.manifest import Manifest
+from ple_export.bundle.recipe import QuantRecipe
+from ple_export.errors import UserError
+from runtime_harness import loop
 from runtime_harness.session import BundleSession
 from tests.test_cli import assert_nothing_left, assert_user_error, cli, snapshot
 
@@ -39,31 +40,32 @@ def test_quantize_gives_the_bytes_export_gives(
     requant = quantize_bundle(fp32_bundle, tmp_path / "requant", recipe)
     for f in ("decoder.data", "ple_table.data"):
         assert (direct.out_dir / f).read_bytes() == (requant.out_dir / f).read_bytes(), f
-    assert direct.manifest["quantization"] == requant.manifest["quantization"]
-    assert direct.manifest["ple"] == requant.manifest["ple"]
+    assert direct.manifest.quantization == requant.manifest.quantization
+    assert direct.manifest.ple == requant.manifest.ple
+    for name in ("rms_norm", "skip_rms_norm", "gelu", "matmul_nbits", "sibling_matmul_nbits"):
+        assert direct.manifest.passes["decoder"][name] == requant.manifest.passes["decoder"][name], name
+    assert direct.manifest.passes["embedder"] == requant.manifest.passes["embedder"]
     prompt = np.random.RandomState(0).randint(3, 512, (1, 12))
-    a = BundleSession(direct.out_dir).generate(prompt, 3, stop_at_eos=False)
-    b = BundleSession(requant.out_dir).generate(prompt, 3, stop_at_eos=False)
+    a = loop.generate(BundleSession(direct.out_dir), prompt, 3, stop_at_eos=False, keep_logits=True)
+    b = loop.generate(BundleSession(requant.out_dir), prompt, 3, stop_at_eos=False, keep_logits=True)
     for x, y in zip(a.step_logits, b.step_logits, strict=True):
         np.testing.assert_array_equal(x, y)
-    tensors = direct.manifest["quantization"]["tensors"]
+    assert direct.manifest.quantization is not None
+    tensors = direct.manifest.quantization.tensors
     if name == "keep":
-        assert tensors["layers.0.ple_gate.weight"]["kept_float_because"] == "kept by --keep"
-        assert tensors["layers.0.attn.wq.weight"]["precision"] == "int4"
+        assert tensors["layers.0.ple_gate.weight"].kept_float_because == "kept by --keep"
+        assert tensors["layers.0.attn.wq.weight"].precision == "int4"
 
 
 def test_manifest_reports_precision_and_dram_shrinks(fp32_bundle: Path, tmp_path: Path) -> None:
     q = quantize_bundle(fp32_bundle, tmp_path / "q", QuantRecipe()).manifest
-    fp32 = json.loads((fp32_bundle / "manifest.json").read_text())
-
-    def dram(m: dict) -> int:
-        return sum(f["bytes"] for f in m["files"] if f["placement"] == "dram")
-
-    assert dram(q) < dram(fp32) / 3
-    t = q["quantization"]["tensors"]
-    assert t["embed.weight"]["op"] == "MatMulNBits+GatherBlockQuantized"  # tied: one copy, two ops
-    assert 0 < t["layers.0.mlp.up.weight"]["rel_weight_error"] < 0.15
-    assert q["ple"]["dtype"] == "int8" and q["ple"]["bytes_per_token"] < fp32["ple"]["bytes_per_token"]
+    fp32 = Manifest.read(fp32_bundle)
+    assert q.dram_bytes < fp32.dram_bytes / 3
+    assert q.quantization is not None
+    t = q.quantization.tensors
+    assert t["embed.weight"].op == "MatMulNBits+GatherBlockQuantized"  # tied: one copy, two ops
+    assert 0 < (t["layers.0.mlp.up.weight"].rel_weight_error or 0) < 0.15
+    assert q.ple.dtype == "int8" and q.ple.bytes_per_token < fp32.ple.bytes_per_token
 
 
 def test_quantize_refuses_bad_input(fp32_bundle: Path, tmp_path: Path) -> None:

@@ -10,8 +10,10 @@ from typing import Any
 import pytest
 import torch
 
-from exporter.errors import UserError
-from exporter.spec import FLOAT_BOUNDS, INT_BOUNDS, MAX_PARAMETERS, PRESETS, Gemma4Spec
+from exporter.config_fields import FLOAT_BOUNDS, INT_BOUNDS
+from exporter.presets import PRESETS
+from exporter.spec import MAX_PARAMETERS, Gemma4Spec
+from ple_export.errors import UserError
 from tests.conftest import VARIANTS
 
 

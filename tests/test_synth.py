@@ -10,11 +10,11 @@ import pytest
 import torch
 import transformers
 
-from exporter.errors import UserError
+from exporter.presets import get_preset
 from exporter.safetensors_io import INDEX_FILE, SINGLE_FILE, open_checkpoint, read_tensor
-from exporter.spec import FULL, Gemma4Spec, get_preset
+from exporter.spec import FULL, Gemma4Spec, hf_weight_shapes
 from exporter.synth import NORM, NORMAL, UNIFORM, init_rule, synth_checkpoint, synth_total_bytes
-from exporter.weights import hf_weight_shapes
+from ple_export.errors import UserError
 
 TINY = get_preset("tiny")
 

@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 from tokenizers import Tokenizer
@@ -22,10 +21,10 @@ from tokenizers import Tokenizer
 from exporter.assets import train_tiny as tt
 from exporter.export import ExportOptions, export_bundle
 from exporter.safetensors_io import open_checkpoint
-from exporter.spec import Gemma4Spec
+from exporter.spec import Gemma4Spec, hf_weight_shapes
 from exporter.synth import synth_checkpoint
-from exporter.weights import hf_weight_shapes
-from graphs.recipe import QuantRecipe
+from ple_export.bundle.recipe import QuantRecipe
+from runtime_harness import loop
 from runtime_harness.session import BundleSession
 
 ASSET = Path(__file__).resolve().parents[1] / "exporter" / "assets" / "tiny_trained"
@@ -128,7 +127,7 @@ def test_exported_bundle_generates_like_transformers(tmp_path: Path, model: Any,
     text = tt.GENERATION_PROMPTS[0]
     prompt = tok.encode(text).ids
     expected = tt.greedy(model, tok, text, GREEDY_TOKENS)
-    gen = BundleSession(out, threads=1).generate(np.array([prompt]), GREEDY_TOKENS, stop_at_eos=False)
-    got = tok.decode(prompt + gen.tokens[0], skip_special_tokens=True)
+    gen = loop.generate(BundleSession(out, threads=1), prompt, GREEDY_TOKENS, stop_at_eos=False)
+    got = tok.decode(prompt + gen.tokens, skip_special_tokens=True)
     assert got == expected
     assert got.startswith(text) and len(got) > len(text) + GREEDY_TOKENS

@@ -6,9 +6,10 @@ from dataclasses import dataclass
 
 import pytest
 
-from exporter.errors import UserError
-from exporter.spec import get_preset
-from exporter.weights import hf_weight_shapes, map_checkpoint
+from exporter.presets import get_preset
+from exporter.spec import hf_weight_shapes
+from exporter.weights import map_checkpoint
+from ple_export.errors import UserError
 
 SPEC = get_preset("tiny")
 

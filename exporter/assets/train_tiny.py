@@ -42,10 +42,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from exporter.safetensors_io import SafetensorsWriter
-from exporter.spec import Gemma4Spec, get_preset
+from exporter.presets import get_preset
+from exporter.safetensors_writer import SafetensorsWriter
+from exporter.spec import Gemma4Spec, hf_weight_shapes
 from exporter.synth import chunk_rows, generate_chunk, init_rule, write_hf_configs
-from exporter.weights import hf_weight_shapes
 
 ASSET_DIR = Path(__file__).resolve().parent / "tiny_trained"
 HELDOUT_FILE = "heldout.txt"
@@ -216,12 +216,14 @@ def oracle_unigram_perplexity(heldout_ids: list[int]) -> float:
 
 
 def greedy(model: Any, tok: Any, prompt: str, new_tokens: int) -> str:
-    ids = tok.encode(prompt).ids
+    """`new_tokens` greedy tokens by transformers' own `generate` (its loop and KV cache), EOS
+    included like any other token."""
+    ids = torch.tensor([tok.encode(prompt).ids])
     with torch.no_grad():
-        for _ in range(new_tokens):
-            logits = model(torch.tensor([ids[-SEQ_LEN:]])).logits[0, -1]
-            ids.append(int(logits.argmax()))
-    return str(tok.decode(ids, skip_special_tokens=True))
+        out = model.generate(
+            ids, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=PAD_ID
+        )
+    return str(tok.decode(out[0].tolist(), skip_special_tokens=True))
 
 
 # ---- model -----------------------------------------------------------------------------------------

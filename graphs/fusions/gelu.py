@@ -12,10 +12,12 @@ from __future__ import annotations
 import onnx_ir as ir
 from onnxscript.rewriter.ort_fusions.gelu import gelu_rules
 
+from graphs.patterns import MS_DOMAIN
+
 
 def fuse_gelu(model: ir.Model) -> int:
     """Rewrite every tanh GELU in place; returns how many."""
     count = gelu_rules.apply_to_model(model)
     if count:
-        model.opset_imports.setdefault("com.microsoft", 1)
+        model.opset_imports.setdefault(MS_DOMAIN, 1)
     return int(count)

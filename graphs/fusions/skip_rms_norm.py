@@ -14,10 +14,12 @@ from __future__ import annotations
 import onnx_ir as ir
 from onnxscript.rewriter.ort_fusions.skip_normalization import skip_rms_normalization_ruleset
 
+from graphs.patterns import MS_DOMAIN
+
 
 def fuse_skip_rms_norm(model: ir.Model) -> int:
     """Rewrite every Add -> SimplifiedLayerNormalization pair in place; returns how many."""
     count = skip_rms_normalization_ruleset.apply_to_model(model)
     if count:
-        model.opset_imports.setdefault("com.microsoft", 1)
+        model.opset_imports.setdefault(MS_DOMAIN, 1)
     return int(count)

@@ -254,15 +254,28 @@ def pack_gather_block_quantized(q: BlockQuantized) -> GatherBlockQuantizedInputs
     return GatherBlockQuantizedInputs(data, q.scales, packed_zp)
 
 
-def per_row_block_size(k: int) -> int:
-    """The block size that gives one block (one scale) per row of width `k` for ORT's ops."""
-    return max(16, 1 << (k - 1).bit_length())
+@dataclass
+class ErrorMeter:
+    """`||w - w_hat|| / ||w||` (Frobenius, in float64) accumulated over row chunks of a tensor."""
+
+    err2: float = 0.0
+    norm2: float = 0.0
+
+    def add(self, w: npt.ArrayLike, w_hat: npt.ArrayLike) -> None:
+        w64 = np.asarray(w, dtype=np.float64)
+        self.err2 += float(np.square(w64 - np.asarray(w_hat, dtype=np.float64)).sum())
+        self.norm2 += float(np.square(w64).sum())
+
+    @property
+    def value(self) -> float:
+        """The relative error; 0 for two zero tensors."""
+        if self.norm2 == 0.0:
+            return 0.0 if self.err2 == 0.0 else float("inf")
+        return float(self.err2**0.5 / self.norm2**0.5)
 
 
 def relative_error(w: npt.ArrayLike, w_hat: npt.ArrayLike) -> float:
-    """`||w - w_hat|| / ||w||` (Frobenius, in float64); 0 for two zero tensors."""
-    w64, hat64 = np.asarray(w, dtype=np.float64), np.asarray(w_hat, dtype=np.float64)
-    num, den = float(np.linalg.norm(w64 - hat64)), float(np.linalg.norm(w64))
-    if den == 0.0:
-        return 0.0 if num == 0.0 else float("inf")
-    return num / den
+    """`||w - w_hat|| / ||w||` of one tensor."""
+    meter = ErrorMeter()
+    meter.add(w, w_hat)
+    return meter.value

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from exporter.quantize import quantize_bundle
-from graphs.recipe import QuantRecipe
+from ple_export.bundle.recipe import QuantRecipe
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,6 @@ from graphs.quant.blockwise import (
     dequantize_blockwise,
     pack_gather_block_quantized,
     pack_matmul_nbits,
-    per_row_block_size,
     quantize_blockwise,
     relative_error,
 )
@@ -347,6 +346,11 @@ def test_ort_matmul_nbits_runs_our_bytes(
     expected = x.astype(np.float64) @ dequantize_blockwise(q).astype(np.float64).T
     # level 0 is float32 arithmetic; level 4 quantizes A to int8 blocks on the fly
     assert relative_error(expected, y) < (1e-6 if accuracy_level == 0 else 1.5e-2)
+
+
+def per_row_block_size(k: int) -> int:
+    """The block size that gives one block (one scale) per row of width `k` for ORT's ops."""
+    return max(16, 1 << (k - 1).bit_length())
 
 
 @pytest.mark.parametrize("scale_dtype", [np.float32, np.float16], ids=["f32", "f16"])

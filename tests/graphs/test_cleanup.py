@@ -14,9 +14,10 @@ from torch import nn
 
 from exporter.gemma4 import RMSNorm, rotate_half
 from graphs.cleanup import clean, hidden_initializer_values, op_counts
+from graphs.counted import QuantizedWeights
 from graphs.matmul_nbits import LinearToMatMulNBits, linear_weights
-from graphs.recipe import QuantRecipe
 from graphs.weight_plan import PLAN, plan_of
+from ple_export.bundle.recipe import QuantRecipe
 from tests.conftest import VARIANTS
 from tests.graphs.helpers import decoder_feeds, export_module, unoptimized_session
 
@@ -152,9 +153,8 @@ def test_keeps_planned_initializers_after_quantization() -> None:
     torch.manual_seed(0)
     model = _export(Attn(vocab=64, hidden=64))
     float_out = _run(model)
-    quant = LinearToMatMulNBits(QuantRecipe())
-    quant(model)
-    assert quant.quantized
+    result = LinearToMatMulNBits(QuantRecipe())(model)
+    assert isinstance(result, QuantizedWeights) and result.quantized
     planned = {
         name: (v, v.const_value, plan_of(v)) for name, v in model.graph.initializers.items() if PLAN in v.meta
     }

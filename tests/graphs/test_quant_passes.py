@@ -9,10 +9,11 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
+from graphs.counted import QuantizedTable, QuantizedWeights
 from graphs.matmul_nbits import LinearToMatMulNBits
 from graphs.ple_table_quant import PleTableToGatherBlockQuantized
 from graphs.quant.blockwise import dequantize_blockwise, quantize_blockwise
-from graphs.recipe import QuantRecipe
+from ple_export.bundle.recipe import QuantRecipe
 from tests.graphs.helpers import run_unoptimized
 
 RNG = np.random.default_rng(0)
@@ -135,9 +136,10 @@ def test_kept_and_indivisible_weights_stay_float() -> None:
         np.float32
     )  # K=40: no power-of-two block >= 16 divides it
     model = linear_model(weights)
-    quant = LinearToMatMulNBits(QuantRecipe(keep=("keep_me",)))
-    quant(model)
-    assert set(quant.kept) == {"keep_me", "tail"} and set(quant.quantized) == {"odd"}
+    result = LinearToMatMulNBits(QuantRecipe(keep=("keep_me",)))(model)
+    assert isinstance(result, QuantizedWeights)
+    assert set(result.kept) == {"keep_me", "tail"} and set(result.quantized) == {"odd"}
+    assert result.matches == 1
     assert _ops(model).count("MatMul") == 2 and _ops(model).count("MatMulNBits") == 1
 
 
@@ -167,8 +169,9 @@ def test_ple_table_becomes_gather_block_quantized(ple: str, block: int, bits: in
     ids = RNG.integers(0, 256, (2, 5))
     before = run_unoptimized(_ple_embedder(table), {"input_ids": ids})[0]
     model = _ple_embedder(table)
-    quant = PleTableToGatherBlockQuantized(QuantRecipe(ple=ple), ple_dim=64)
-    assert quant(model).modified and quant.block_size == block
+    result = PleTableToGatherBlockQuantized(QuantRecipe(ple=ple), ple_dim=64)(model)
+    assert isinstance(result, QuantizedTable)
+    assert result.modified and result.block_size == block and result.matches == 1
     assert _ops(model) == ["Cast", "GatherBlockQuantized"]
     after = run_unoptimized(model, {"input_ids": ids})[0]
     expected = _dequantized(table, bits, block, True, clip_search=False)[ids]

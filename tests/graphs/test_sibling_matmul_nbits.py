@@ -10,11 +10,11 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from exporter.layout import DataFileWriter
-from exporter.plan_writer import TensorReport, write_initializers
+from exporter.plan_writer import lay_out
+from graphs.counted import Counted
 from graphs.matmul_nbits import LinearToMatMulNBits
-from graphs.recipe import QuantRecipe
 from graphs.sibling_matmul_nbits import MergeSiblingMatMulNBits
+from ple_export.bundle.recipe import QuantRecipe
 from tests.graphs.helpers import run_unoptimized
 
 RNG = np.random.default_rng(1)
@@ -58,12 +58,13 @@ def test_siblings_become_one_matmul_nbits(symmetric: bool) -> None:
     before = run_unoptimized(model, feeds)
     assert _ops(model).count("MatMulNBits") == 4
 
-    merge = MergeSiblingMatMulNBits()
-    assert merge(model).modified
+    result = MergeSiblingMatMulNBits()(model)
+    assert isinstance(result, Counted) and result.modified and result.matches == 1  # one group merged
 
     assert _ops(model).count("MatMulNBits") == 2  # q/k/v as one, the lonely one untouched
     assert _ops(model).count("Split") == 1
-    assert merge.merged == [["wq/MatMulNBits", "wk/MatMulNBits", "wv/MatMulNBits"]]
+    merged = next(n for n in model.graph if n.op_type == "MatMulNBits" and n.name.endswith("/merged"))
+    assert merged.name == "wq/MatMulNBits+wk/MatMulNBits+wv/MatMulNBits/merged"
     node = next(n for n in model.graph if n.op_type == "MatMulNBits" and n.attributes.get_int("N") == 192)
     assert len(node.inputs) == (3 if symmetric else 4)
     after = run_unoptimized(model, feeds)
@@ -94,15 +95,12 @@ def test_layout_stage_streams_each_member(tmp_path: Path) -> None:
         w = weights[name]
         yield from (w[i : i + 40] for i in range(0, len(w), 40))  # row chunks, as from a checkpoint
 
-    reports: dict[str, TensorReport] = {}
-    with DataFileWriter(tmp_path / "d.data", 4096) as w:
-        write_initializers(
-            model, w, "d.data", tmp_path, lambda n: iter([]), rows, lambda *a: None, "t", reports
-        )
-        w.close()
+    layout = lay_out(model, tmp_path, "d.data", 4096, lambda n: iter([]), rows, lambda *a: None, "t")
+    reports = layout.tensors
     assert sorted(streamed) == ["gate", "lonely", "up"]  # each source read once
     assert streamed.index("up") == streamed.index("gate") + 1  # the merged tensor: gate's rows, then up's
     for name, value in model.graph.initializers.items():
         np.testing.assert_array_equal(value.const_value.numpy(), expected[name], err_msg=name)  # type: ignore[union-attr]
     assert {"gate", "up", "lonely"} <= set(reports)
-    assert reports["gate"].rel_error is not None and 0 < reports["gate"].rel_error < 0.2
+    assert reports["gate"].rel_weight_error is not None and 0 < reports["gate"].rel_weight_error < 0.2
+    assert layout.size == (tmp_path / "d.data").stat().st_size

@@ -5,6 +5,15 @@ from __future__ import annotations
 import errno
 import os
 
+# Exit codes of every command (docs/bad-input.md): results first, then what went wrong.
+EXIT_OK = 0
+EXIT_USER_ERROR = 2  # bad input or environment: a one-line error
+EXIT_PARITY_FAILED = 3  # verify / quality measured a bundle below its thresholds
+EXIT_REGRESSION = 4  # profile: over the budget, or a regression against the baseline
+EXIT_INTERNAL = 70  # a bug of ours (EX_SOFTWARE); PLE_EXPORT_DEBUG=1 shows the traceback
+EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
+
 
 class UserError(Exception):
     """Bad input or environment: the message says what and where, no traceback is shown."""

@@ -15,12 +15,16 @@ Linux only. Everything here is about the calling process (`/proc/self`).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
 import resource
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 MADV_RANDOM, MADV_DONTNEED, MADV_PAGEOUT = 1, 4, 21
@@ -35,6 +39,16 @@ class Mapping:
     perms: str
     path: str  # "" for anonymous mappings; "[heap]", "[stack]"... for special ones
     fields: dict[str, int] = field(default_factory=dict)  # smaps fields in bytes (Rss, Anonymous...)
+    offset: int = 0  # where in the file the mapping starts
+
+
+@dataclass(frozen=True)
+class FileMemory:
+    """One file's share of this process' memory, each page counted once however often it is mapped."""
+
+    rss_bytes: int  # pages of the file mapped and present in some mapping
+    mapped_bytes: int  # bytes of the file covered by some mapping
+    anonymous_bytes: int  # private (copy-on-write) copies in its mappings: 0 when read in place
 
 
 def smaps(path: str = "/proc/self/smaps") -> list[Mapping]:
@@ -53,7 +67,15 @@ def smaps(path: str = "/proc/self/smaps") -> list[Mapping]:
             parts = line.rstrip("\n").split(None, 5)  # start-end perms offset dev inode [path]
             lo, _, hi = parts[0].partition("-")
             name = parts[5].strip() if len(parts) == 6 else ""
-            mappings.append(Mapping(int(lo, 16), int(hi, 16), parts[1], name.removesuffix(" (deleted)")))
+            mappings.append(
+                Mapping(
+                    int(lo, 16),
+                    int(hi, 16),
+                    parts[1],
+                    name.removesuffix(" (deleted)"),
+                    offset=int(parts[2], 16),
+                )
+            )
     return mappings
 
 
@@ -95,37 +117,78 @@ def major_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_majflt
 
 
-def memory_split(files: dict[str, Path]) -> dict[str, object]:
+def _present(start: int, end: int) -> np.ndarray:
+    """Which pages of [start, end) are mapped and present in RAM (/proc/self/pagemap bit 63)."""
+    n = (end - start) // PAGE
+    with open("/proc/self/pagemap", "rb") as f:
+        entries = np.frombuffer(os.pread(f.fileno(), n * 8, start // PAGE * 8), dtype="<u8")
+    return (entries >> np.uint64(63)).astype(bool)
+
+
+def file_memory(mappings: list[Mapping], size: int) -> FileMemory:
+    """A file's resident and mapped bytes over the union of its mappings (two mappings of the same
+    part of the file count its pages once), never more than the file."""
+    pages = -(-size // PAGE)
+    mapped = np.zeros(pages, dtype=bool)
+    resident = np.zeros(pages, dtype=bool)
+    anonymous = 0
+    for m in mappings:
+        first = m.offset // PAGE
+        count = min((m.end - m.start) // PAGE, max(pages - first, 0))
+        if count <= 0:
+            continue
+        mapped[first : first + count] = True
+        try:
+            resident[first : first + count] |= _present(m.start, m.start + count * PAGE)
+        except OSError:  # no pagemap: fall back to the mapping's own Rss, as a count of its first pages
+            resident[first : first + min(count, m.fields.get("Rss", 0) // PAGE)] = True
+        anonymous += m.fields.get("Anonymous", 0)
+    return FileMemory(
+        rss_bytes=min(int(resident.sum()) * PAGE, size),
+        mapped_bytes=min(int(mapped.sum()) * PAGE, size),
+        anonymous_bytes=anonymous,
+    )
+
+
+@dataclass(frozen=True)
+class MemorySplit:
+    """Resident memory by where it lives."""
+
+    anonymous_bytes: int
+    files: dict[str, FileMemory]  # bundle files by manifest path
+    other_file_backed_bytes: int  # the interpreter, shared libraries
+    rss_bytes: int
+    rss_peak_bytes: int
+
+    @property
+    def bundle_file_backed_bytes(self) -> int:
+        return sum(f.rss_bytes for f in self.files.values())
+
+
+def memory_split(files: dict[str, Path]) -> MemorySplit:
     """Resident memory by where it lives: anonymous vs file-backed per bundle file (`files`: manifest
     path -> file on disk) vs other files (the interpreter, shared libraries)."""
     real = {os.path.realpath(p): name for name, p in files.items()}
-    per_file = {name: {"rss_bytes": 0, "mapped_bytes": 0, "anonymous_bytes": 0} for name in files}
+    by_file: dict[str, list[Mapping]] = {name: [] for name in files}
     other_file = 0
     for m in smaps():
-        rss = m.fields.get("Rss", 0)
         if m.path in real:
-            entry = per_file[real[m.path]]
-            entry["rss_bytes"] += rss
-            entry["mapped_bytes"] += m.end - m.start
-            entry["anonymous_bytes"] += m.fields.get("Anonymous", 0)  # copy-on-write copies: should be 0
+            by_file[real[m.path]].append(m)
         elif m.path.startswith("/"):
-            other_file += rss
+            other_file += m.fields.get("Rss", 0)
     totals = rollup()
-    st = status()
-    return {
-        "anonymous_bytes": totals.get("Anonymous", 0),
-        "file_backed_bytes": {name: e for name, e in per_file.items()},
-        "bundle_file_backed_bytes": sum(e["rss_bytes"] for e in per_file.values()),
-        "other_file_backed_bytes": other_file,
-        "rss_bytes": totals.get("Rss", 0),
-        "rss_peak_bytes": st.get("VmHWM", 0),
-    }
+    return MemorySplit(
+        anonymous_bytes=totals.get("Anonymous", 0),
+        files={name: file_memory(maps, os.path.getsize(files[name])) for name, maps in by_file.items()},
+        other_file_backed_bytes=other_file,
+        rss_bytes=totals.get("Rss", 0),
+        rss_peak_bytes=status().get("VmHWM", 0),
+    )
 
 
 def mapped_rss(path: Path) -> int:
-    """Rss of this process' mappings of `path`."""
-    real = os.path.realpath(path)
-    return sum(m.fields.get("Rss", 0) for m in smaps() if m.path == real)
+    """Resident bytes of this process' mappings of `path`, each page of the file counted once."""
+    return file_memory(_own_mappings(path), os.path.getsize(path)).rss_bytes
 
 
 _libc: ctypes.CDLL | None = None
@@ -179,11 +242,6 @@ def page_cache_pages(path: Path) -> tuple[int, int]:
     return sum(v & 1 for v in vec), len(vec)
 
 
-def resident_page_indices(path: Path) -> set[int]:
-    """Indices of the host pages of `path` that are in the page cache."""
-    return {i for i, v in enumerate(_mincore(path)) if v & 1}
-
-
 def _own_mappings(path: Path) -> list[Mapping]:
     real = os.path.realpath(path)
     return [m for m in smaps() if m.path == real]
@@ -205,6 +263,15 @@ def fadvise_dontneed(path: Path) -> None:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
+
+
+def drop_page_cache(paths: Iterable[Path]) -> None:
+    """Files out of the page cache (where no mapping holds them), so the next reader faults them in
+    from storage: every measured run starts from the same state."""
+    for path in paths:
+        if path.is_file() and not path.is_symlink():
+            with contextlib.suppress(OSError):
+                fadvise_dontneed(path)
 
 
 def evict(path: Path) -> dict[str, int | str]:

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from exporter.errors import UserError
+from ple_export.errors import UserError
 
 WEIGHT_QUANTS = ("int4", "int8", "none")
 PLE_QUANTS = ("int8", "int4", "none")

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from exporter.errors import UserError
+from ple_export.errors import UserError
 
 # No real config, index or manifest nests deeper than a handful of levels; a deeper document is refused
 # before json's recursive parser can hit Python's recursion limit.

@@ -1,4 +1,4 @@
-"""Device profiles (runtime_harness/devices.toml): the phone a profile is judged against.
+"""Device profiles (runtime_harness/measure/devices.toml): the phone a profile is judged against.
 
 Each figure carries its source, and a note where it is an estimate. `get_device(name)` for
 `ple-export profile --device`, `list_devices()` for `ple-export devices`.
@@ -12,7 +12,7 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from exporter.errors import UserError
+from ple_export.errors import UserError
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -179,7 +179,9 @@ def render_devices(rows: list[dict[str, Any]] | None = None) -> Table:
     `--json` and in devices.toml."""
     from rich.table import Table
 
-    table = Table(title="device profiles (~ = estimate; sources: --json or runtime_harness/devices.toml)")
+    table = Table(
+        title="device profiles (~ = estimate; sources: --json or runtime_harness/measure/devices.toml)"
+    )
     table.add_column("device", style="bold")
     for key, (unit, _, _) in FIGURES.items():
         table.add_column(f"{_SHORT[key]}\n({unit})", justify="right")

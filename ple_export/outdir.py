@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from exporter.errors import UserError, os_error
+from ple_export.errors import UserError, os_error
 
 Replaceable = Callable[[Path], bool]
 log = logging.getLogger("ple_export")

@@ -22,11 +22,9 @@ import contextlib
 import errno
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-CGROUP_ROOT = Path("/sys/fs/cgroup")
 PREFIX = "ple-profile-"
 # The child joins the group before exec, so everything it maps or allocates is charged there.
 _JOIN = 'echo $$ > "$1" && shift && exec "$@"'
@@ -44,13 +42,14 @@ class CgroupStats:
     limit_hits: int  # v1 memory.failcnt, v2 memory.events "max": how often usage hit the limit
     oom_kills: int
     major_faults: int  # memory.stat pgmajfault of the group
-    stat: dict[str, int] = field(default_factory=dict)
+    stat: dict[str, int] = field(default_factory=dict)  # the memory.stat figures worth keeping
 
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        keep = ("cache", "rss", "mapped_file", "file", "anon", "file_mapped", "pgmajfault", "pgfault")
-        d["stat"] = {k: v for k, v in self.stat.items() if k in keep}
-        return d
+
+_STAT_KEYS = ("cache", "rss", "mapped_file", "file", "anon", "file_mapped", "pgmajfault", "pgfault")
+
+
+def _kept(stat: dict[str, int]) -> dict[str, int]:
+    return {k: v for k, v in stat.items() if k in _STAT_KEYS}
 
 
 def _read_kv(path: Path) -> dict[str, int]:
@@ -185,7 +184,7 @@ class MemoryCgroup:
                 limit_hits=int((p / "memory.failcnt").read_text()),
                 oom_kills=oom.get("oom_kill", 0),
                 major_faults=stat.get("total_pgmajfault", stat.get("pgmajfault", 0)),
-                stat=stat,
+                stat=_kept(stat),
             )
         events = _read_kv(p / "memory.events")
         peak = p / "memory.peak"
@@ -196,7 +195,7 @@ class MemoryCgroup:
             limit_hits=events.get("max", 0),
             oom_kills=events.get("oom_kill", 0),
             major_faults=stat.get("pgmajfault", 0),
-            stat=stat,
+            stat=_kept(stat),
         )
 
     def remove(self, timeout_s: float = 5.0) -> bool:

@@ -1,0 +1,99 @@
+"""Named specs for `ple-export synth --preset` and the tests: real shapes of the family's released
+models, and tiny siblings with every feature at toy sizes."""
+
+from __future__ import annotations
+
+from exporter.spec import FULL, ROPE_DEFAULT, SLIDING, Gemma4Spec
+from ple_export.errors import UserError
+
+
+def _pattern(n_layers: int, period: int) -> tuple[str, ...]:
+    return tuple(FULL if (i + 1) % period == 0 else SLIDING for i in range(n_layers))
+
+
+PRESETS: dict[str, Gemma4Spec] = {
+    # Tiny sibling for tests and the embedded default: every feature present at toy sizes.
+    "tiny": Gemma4Spec(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=16,
+        global_head_dim=32,
+        layer_types=(SLIDING, SLIDING, FULL, SLIDING, SLIDING, FULL),
+        sliding_window=8,
+        vocab_size_per_layer_input=512,
+        hidden_size_per_layer_input=16,
+        num_kv_shared_layers=2,
+        use_double_wide_mlp=True,
+        final_logit_softcapping=30.0,
+        rope=dict(ROPE_DEFAULT),
+    ),
+    # ~330M parameters (228M decoder, 101M PLE table): big enough that decode is weight-bandwidth
+    # bound, small enough for CI runners (the ARM profiling workflow, benchmarks/latency.py).
+    "small": Gemma4Spec(
+        vocab_size=32768,
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=12,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=128,
+        global_head_dim=256,
+        layer_types=_pattern(12, 6),
+        sliding_window=512,
+        vocab_size_per_layer_input=32768,
+        hidden_size_per_layer_input=256,
+        num_kv_shared_layers=4,
+        use_double_wide_mlp=False,
+        final_logit_softcapping=30.0,
+        rope=dict(ROPE_DEFAULT),
+    ),
+    # Gemma 4 E2B (docs/config-bounds.md has its sizes): hidden 1536, 35 layers [S,S,S,S,F]x7, 20 KV-shared.
+    "e2b": Gemma4Spec(
+        vocab_size=262_144,
+        hidden_size=1536,
+        intermediate_size=6144,
+        num_hidden_layers=35,
+        num_attention_heads=8,
+        num_key_value_heads=1,
+        head_dim=256,
+        global_head_dim=512,
+        layer_types=_pattern(35, 5),
+        sliding_window=512,
+        vocab_size_per_layer_input=262_144,
+        hidden_size_per_layer_input=256,
+        num_kv_shared_layers=20,
+        use_double_wide_mlp=True,
+        final_logit_softcapping=30.0,
+        rope=dict(ROPE_DEFAULT),
+        eos_token_id=(1, 106),
+    ),
+    # Gemma 4 E4B: hidden 2560, 42 layers [S,S,S,S,S,F]x7, 18 KV-shared layers.
+    "e4b": Gemma4Spec(
+        vocab_size=262_144,
+        hidden_size=2560,
+        intermediate_size=10240,
+        num_hidden_layers=42,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=256,
+        global_head_dim=512,
+        layer_types=_pattern(42, 6),
+        sliding_window=512,
+        vocab_size_per_layer_input=262_144,
+        hidden_size_per_layer_input=256,
+        num_kv_shared_layers=18,
+        final_logit_softcapping=30.0,
+        rope=dict(ROPE_DEFAULT),
+        eos_token_id=(1, 106),
+    ),
+}
+
+
+def get_preset(name: str) -> Gemma4Spec:
+    if name not in PRESETS:
+        raise UserError(f"unknown preset {name!r} (choose from: {', '.join(PRESETS)})")
+    return PRESETS[name]

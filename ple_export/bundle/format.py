@@ -1,0 +1,91 @@
+"""The bundle format's names and numbers, spelled once: what a writer writes and a reader expects.
+
+Every file name, file role, placement and graph I/O role of a bundle is defined here; everything
+else (the exporter, the runtime, the CLI, the benchmarks) imports them. docs/bundle-format.md is the
+prose of the same.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+FORMAT = "ple-export-bundle"
+FORMAT_VERSION = 2  # 2: the decoder's logits_positions input (1: logits at every new token)
+READABLE_VERSIONS = (1, 2)
+IR_VERSION = 10  # onnx 1.23 writes 14 by default; onnxruntime 1.31 loads at most 13
+OPSET = 18
+MS_DOMAIN = "com.microsoft"
+
+# the PLE table's tensor: our name of it in a checkpoint, and its initializer in the embedder graph
+PLE_TABLE_TENSOR = "ple_table"
+MANIFEST_FILE = "manifest.json"
+EMBEDDER_FILE = "embedder.onnx"
+PLE_TABLE_FILE = "ple_table.data"
+DECODER_FILE = "decoder.onnx"
+DECODER_DATA_FILE = "decoder.data"
+TOKENIZER_FILE = "tokenizer.json"
+# copied from the checkpoint when present (role metadata, placement none)
+METADATA_FILES = (
+    TOKENIZER_FILE,
+    "tokenizer_config.json",
+    "generation_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+)
+
+# External data: a tensor at least a page long starts at a page boundary, so onnxruntime maps it in
+# place; a shorter one at a SIMD-friendly boundary.
+SMALL_ALIGNMENT = 64
+
+
+def aligned(position: int, nbytes: int, page_size: int) -> int:
+    """Where a tensor of `nbytes` written after `position` bytes of a data file starts."""
+    alignment = page_size if nbytes >= page_size else SMALL_ALIGNMENT
+    return -(-position // alignment) * alignment
+
+
+class Placement(StrEnum):
+    """Where a file lives on the phone: flash (memory-mapped, paged in on demand) or DRAM."""
+
+    FLASH = "flash"
+    DRAM = "dram"
+    NONE = "none"
+
+
+class FileRole(StrEnum):
+    EMBEDDER_GRAPH = "embedder_graph"
+    PLE_TABLE = "ple_table"
+    DECODER_GRAPH = "decoder_graph"
+    DECODER_WEIGHTS = "decoder_weights"
+    METADATA = "metadata"
+
+
+FILE_ROLES: dict[str, tuple[Placement, FileRole]] = {
+    EMBEDDER_FILE: (Placement.FLASH, FileRole.EMBEDDER_GRAPH),
+    PLE_TABLE_FILE: (Placement.FLASH, FileRole.PLE_TABLE),
+    DECODER_FILE: (Placement.DRAM, FileRole.DECODER_GRAPH),
+    DECODER_DATA_FILE: (Placement.DRAM, FileRole.DECODER_WEIGHTS),
+}
+
+
+def file_role(name: str) -> tuple[Placement, FileRole]:
+    """Placement and role of a bundle file by its name (anything not ours is metadata)."""
+    return FILE_ROLES.get(name, (Placement.NONE, FileRole.METADATA))
+
+
+class Role(StrEnum):
+    """What a graph input or output carries."""
+
+    INPUT_IDS = "input_ids"
+    PER_LAYER_INPUTS = "per_layer_inputs"
+    POSITION_IDS = "position_ids"
+    LOGITS_POSITIONS = "logits_positions"
+    PAST_KEY = "past_key"
+    PAST_VALUE = "past_value"
+    LOGITS = "logits"
+    PRESENT_KEY = "present_key"
+    PRESENT_VALUE = "present_value"
+
+
+KV_KINDS = ("key", "value")
