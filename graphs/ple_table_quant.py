@@ -1,7 +1,7 @@
 """The PLE table's lookup -> `com.microsoft.GatherBlockQuantized` over an int8 or int4 table.
 
     ids --Gather(ple_table [V, L*P] bf16)-->        ids --GatherBlockQuantized(bits, block_size)-->
-                                              =>        ple_table.data [V, L*P*bits/8] uint8,
+                                              =>        ple_table.codes [V, L*P*bits/8] uint8,
                                                         ple_table.scales [V, L*P/block]
 
 onnxruntime reads a uint8 GatherBlockQuantized table in place from its memory map (no prepack, no
@@ -51,6 +51,7 @@ class PleTableToGatherBlockQuantized(InPlacePass):
             "gather_block_quantized",
             TABLE,
             self.recipe.scales_dtype,
+            names={"data": f"{TABLE}.codes"},  # not `ple_table.data`: that is the file's name
         )
         for use in list(table.uses()):
             gather = use.node

@@ -111,9 +111,10 @@ def quantized_inputs(
     prefix: str,
     scales_dtype: str = "float32",
     clip_search: bool = False,
+    names: dict[str, str] | None = None,
 ) -> list[ir.Value | None]:
-    """The (data, scales, zero_points) initializers for quantizing `weight` `[rows, K]`;
-    zero_points is None when symmetric."""
+    """The (data, scales, zero_points) initializers for quantizing `weight` `[rows, K]`, named
+    `{prefix}.{part}` unless `names` says otherwise; zero_points is None when symmetric."""
     assert weight.shape is not None and weight.name is not None
     rows, k = weight.shape.numpy()
     n_blocks = -(-k // block_size)
@@ -142,5 +143,6 @@ def quantized_inputs(
             clip_search=clip_search,
         )
         shape, dtype = shapes[part]  # type: ignore[index]
-        out.append(planned_initializer(graph, f"{prefix}.{part}", plan, weight, dtype, shape))
+        name = (names or {}).get(part, f"{prefix}.{part}")
+        out.append(planned_initializer(graph, name, plan, weight, dtype, shape))
     return out

@@ -172,6 +172,8 @@ def test_ple_table_becomes_gather_block_quantized(ple: str, block: int, bits: in
     result = PleTableToGatherBlockQuantized(QuantRecipe(ple=ple), ple_dim=64)(model)
     assert isinstance(result, QuantizedTable)
     assert result.modified and result.block_size == block and result.matches == 1
+    # the codes are not named like the file they live in (ple_table.data)
+    assert set(model.graph.initializers) == {"ple_table.codes", "ple_table.scales"}
     assert _ops(model) == ["Cast", "GatherBlockQuantized"]
     after = run_unoptimized(model, {"input_ids": ids})[0]
     expected = _dequantized(table, bits, block, True, clip_search=False)[ids]
