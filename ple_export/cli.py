@@ -305,12 +305,10 @@ def profile(
     device: Annotated[str, typer.Option(help="Device profile (see `ple-export devices`).")] = "pixel-8a",
     prompt_tokens: Annotated[int, typer.Option(help="Prompt length (seeded token ids).")] = 64,
     gen_tokens: Annotated[int, typer.Option(help="Timed decode steps.")] = 32,
-    runs: Annotated[int, typer.Option(help="Timed runs (each in a fresh process).")] = 5,
+    runs: Annotated[int, typer.Option(help="Timed runs (in one fresh process per mode).")] = 5,
     warmup: Annotated[int, typer.Option(help="Untimed warm-up runs.")] = 1,
     threads: Annotated[int, typer.Option(help="Decoder threads (0: every CPU available).")] = 0,
-    cold: Annotated[
-        bool, typer.Option(help="Evict the PLE table before each step; count major faults.")
-    ] = False,
+    cold: Annotated[bool, typer.Option(help="Evict the PLE table before each step; count faults.")] = False,
     enforce: Annotated[bool, typer.Option(help="Run inside a memory cgroup limited to the budget.")] = False,
     budget_mb: Annotated[
         float | None, typer.Option(help="App memory budget in MiB (default: device's).")
@@ -318,10 +316,14 @@ def profile(
     seed: Annotated[int, typer.Option(help="Prompt seed.")] = 0,
     no_check: Annotated[bool, typer.Option("--no-check", help="Skip the sha256 check of the files.")] = False,
     plot: Annotated[
-        Path | None, typer.Option(help="Write a PNG: memory breakdown, per-step latency.")
+        Path | None, typer.Option(help="Write a .png/.svg/.pdf: memory, per-step latency.")
     ] = None,
     baseline: Annotated[Path | None, typer.Option(help="An earlier profile --json to compare with.")] = None,
-    max_regression: Annotated[str, typer.Option(help="Allowed regression vs --baseline, e.g. 10%.")] = "10%",
+    baseline_bundle: Annotated[
+        Path | None, typer.Option(help="A base bundle, profiled in turn with it.")
+    ] = None,
+    rounds: Annotated[int, typer.Option(help="Paired rounds against --baseline-bundle.")] = 3,
+    max_regression: Annotated[str, typer.Option(help="Allowed regression vs a baseline, e.g. 10%.")] = "10%",
     as_json: JsonFlag = False,
     quiet: QuietFlag = False,
 ) -> None:
@@ -345,15 +347,13 @@ def profile(
             seed=seed,
             verify=not no_check,
         )
-        base = prof.load_headline(baseline) if baseline is not None else None
+        gate = prof.Gate(baseline, baseline_bundle, rounds, tolerance)
         if plot is not None:
             prof.check_plot_path(plot)
         with progress_bars(not quiet and not as_json) as progress:
-            report = prof.run_profile(bundle, opts, progress)
+            report = prof.profile_gated(bundle, opts, gate, progress)
         if plot is not None:
             prof.plot(report, plot)
-        if base is not None:
-            report.regressions = prof.compare_baseline(report.headline(), base, tolerance)
         print_profile(report, as_json)
         if report.exit_code:
             raise typer.Exit(report.exit_code)

@@ -99,7 +99,8 @@ def progress_bars(enabled: bool) -> Iterator[Callable[[str, int, int], None]]:
         transient=False,
     )
     tasks: dict[str, Any] = {}
-    steps = {"tracing": "graphs", "warm": "runs", "cold": "runs", "enforced": "runs"}  # not bytes
+    runs = ("warm", "cold", "enforced", "head", "base")  # counted in runs, not bytes
+    steps = {"tracing": "graphs"} | dict.fromkeys(runs, "runs")
 
     def update(stage: str, n: int, total: int) -> None:
         if stage not in tasks:

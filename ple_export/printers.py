@@ -253,6 +253,10 @@ def print_profile(report: Any, as_json: bool) -> None:
         sys.stdout.write(json.dumps(report.to_json(), indent=2) + "\n")
     else:
         out.print(render_table(report))
+    if report.versus is not None:
+        from runtime_harness.profile.versus import describe
+
+        err.print(literal(describe(report.versus)), highlight=False, soft_wrap=True)
     for line in report.regressions:
         err.print(f"[bold red]regression:[/] {literal(line)}", soft_wrap=True)
     if not report.verdict.fits:

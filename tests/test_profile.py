@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from exporter.export import export_bundle
+from exporter.export import ExportOptions, export_bundle
 from exporter.presets import get_preset
 from exporter.synth import synth_checkpoint
 from ple_export.bundle.manifest import Manifest
@@ -32,6 +32,7 @@ from runtime_harness.profile import (
     run_profile,
 )
 from runtime_harness.profile.report import Headline, Outcome
+from runtime_harness.profile.versus import judge_pairs, versus
 
 FAST = {"runs": 2, "warmup": 1, "prompt_tokens": 12, "gen_tokens": 4}
 
@@ -296,3 +297,30 @@ def test_plot(report: ProfileReport, tmp_path: Path) -> None:
 def test_a_plot_it_cannot_write_is_refused_before_any_work(name: str, tmp_path: Path) -> None:
     with pytest.raises(UserError, match="--plot"):
         check_plot_path(tmp_path / name)
+
+
+def test_paired_rounds_are_judged_on_their_medians() -> None:
+    assert judge_pairs([1.0, 0.97, 1.02], [1.0, 1.0, 1.01], 0.10) == []
+    slower = judge_pairs([0.8, 0.85, 1.2], [1.0, 1.0, 1.0], 0.10)  # one lucky round does not hide it
+    assert len(slower) == 1 and "decode tok/s x0.850" in slower[0]
+    bigger = judge_pairs([1.0, 1.0, 1.0], [1.3, 1.3, 1.3], 0.10)
+    assert len(bigger) == 1 and "DRAM-resident x1.300" in bigger[0]
+
+
+def test_a_bundle_against_a_base_bundle(bundle: Path, tmp_path: Path) -> None:
+    """--baseline-bundle profiles both in turn and compares on its first run: an fp32 decoder against
+    its int4 base holds more DRAM (memory is deterministic, unlike speed): a regression. The same
+    bundle as its own base is refused."""
+    from ple_export.bundle.recipe import QuantRecipe
+
+    fp32 = export_bundle(bundle.parent / "ckpt", tmp_path / "fp32", ExportOptions(recipe=QuantRecipe.none()))
+    opts = ProfileOptions(**FAST | {"runs": 1, "warmup": 0})
+    report, result = versus(fp32.out_dir, bundle, opts, 1, 0.02, lambda s, n, t: None)
+    assert result.rounds == 1 and len(result.decode_ratios) == len(result.dram_ratios) == 1
+    # the tiny decoder: ~1 MiB more in fp32, over the runtime's own ~10 MiB (x1.11 here)
+    assert result.dram_ratio > 1.05 and any("DRAM-resident" in r for r in result.regressions)
+    assert report.regressions == result.regressions and report.exit_code == 4
+    with pytest.raises(UserError, match="the same bundle"):
+        versus(bundle, bundle, opts, 1, 0.10, lambda s, n, t: None)
+    with pytest.raises(UserError, match="--rounds"):
+        versus(fp32.out_dir, bundle, opts, 0, 0.10, lambda s, n, t: None)

@@ -11,6 +11,7 @@ import numpy as np
 from ple_export.bundle.format import FileRole, Placement
 from ple_export.bundle.manifest import Manifest
 from ple_export.bundle.ple_layout import distinct_pages, lookup_rows, manifest_regions, pages_per_token
+from runtime_harness.loop import decode_rate
 from runtime_harness.measure import memory
 from runtime_harness.measure.budget import CgroupStats
 from runtime_harness.measure.devices import Device
@@ -53,13 +54,12 @@ def summarize(result: WorkerResult, n_prompt: int, n_gen: int) -> ModeSummary:
     """Latency and throughput of one mode over its timed runs."""
     runs = result.timed
     ttft = [r.prefill.s for r in runs]
-    decode_s = [sum(s.s for s in r.steps) for r in runs]
     steps = [s for r in runs for s in r.steps]
     return ModeSummary(
         load_s=result.load_s,
         ttft_ms=Spread.of([t * 1e3 for t in ttft], "high"),
-        prefill_tok_s=Spread.of([n_prompt / t for t in ttft], "low"),
-        decode_tok_s=Spread.of([n_gen / t for t in decode_s if t > 0], "low"),
+        prefill_tok_s=Spread.of([n_prompt / r.prefill_s for r in runs], "low"),
+        decode_tok_s=Spread.of([decode_rate([s.s for s in r.steps]) for r in runs], "low"),
         decode_step_ms=Spread.of([s.s * 1e3 for s in steps], "high"),
         lookup_step_ms=Spread.of([s.lookup_s * 1e3 for s in steps], "high"),
         prefill_lookup_ms=Spread.of([r.prefill.lookup_s * 1e3 for r in runs], "high"),
@@ -102,7 +102,7 @@ def llama_bench_samples(
     runs = result.timed
     rows: list[dict[str, object]] = []
     for test, n_p, n_g, secs in (
-        ("pp", n_prompt, 0, [r.prefill.s for r in runs]),
+        ("pp", n_prompt, 0, [r.prefill_s for r in runs]),
         ("tg", 0, n_gen, [sum(s.s for s in r.steps) for r in runs]),
     ):
         if not secs:

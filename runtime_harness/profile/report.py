@@ -273,6 +273,7 @@ class ProfileReport:
     verdict: Verdict
     notes: list[str] = field(default_factory=list)
     regressions: list[str] = field(default_factory=list)
+    versus: Any = None  # `versus.Versus`: the paired rounds against --baseline-bundle, when asked
 
     @property
     def exit_code(self) -> int:
@@ -304,6 +305,7 @@ class ProfileReport:
             "verdict": verdict,
             "notes": self.notes,
             "regressions": self.regressions,
+            "versus": asdict(self.versus) | {"base": str(self.versus.base)} if self.versus else None,
             "exit_code": self.exit_code,
         }
 

@@ -58,9 +58,10 @@ class Call:
 @dataclass
 class Run:
     warmup: bool
-    prefill: Call
+    prefill: Call  # the prompt's forward and the first pick: time to first token
     steps: list[Call]
     tokens: list[int]
+    prefill_s: float  # the prompt's forward alone
 
 
 @dataclass
@@ -106,7 +107,13 @@ class WorkerResult:
             return MemorySplit(**(d | {"files": {n: FileMemory(**f) for n, f in d["files"].items()}}))
 
         def run(d: dict[str, Any]) -> Run:
-            return Run(d["warmup"], Call(**d["prefill"]), [Call(**s) for s in d["steps"]], d["tokens"])
+            return Run(
+                d["warmup"],
+                Call(**d["prefill"]),
+                [Call(**s) for s in d["steps"]],
+                d["tokens"],
+                d["prefill_s"],
+            )
 
         return cls(
             **doc
@@ -184,7 +191,9 @@ def work(config: WorkerConfig) -> WorkerResult:
     for i in range(config.warmup + config.runs):
         probe = _Probe(session, config, result)
         gen = loop.generate(session, config.prompt, config.gen_tokens + 1, stop_at_eos=False, hook=probe)
-        result.runs.append(Run(i < config.warmup, probe.calls[0], probe.calls[1:], gen.tokens))
+        result.runs.append(
+            Run(i < config.warmup, probe.calls[0], probe.calls[1:], gen.tokens, gen.prefill_seconds)
+        )
         result.write(out)
         _emit(config.mode, 1, total)
 
