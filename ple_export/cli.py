@@ -17,48 +17,88 @@ from rich.table import Table
 # typer 0.29 vendors click; its usage errors are not exported at the top level
 from typer._click.exceptions import NoArgsIsHelpError, UsageError  # noqa: E402
 
-from ple_export.console import (
-    NoteHandler,
-    emit,
-    err,
-    fail,
-    human,
-    literal,
-    out,
-    parse_fraction,
-    parse_ids,
-    parse_size,
-    progress_bars,
-    user_errors,
-)
+from ple_export import params as P
+from ple_export.console import NoteHandler, emit, err, fail, human, literal, out, progress_bars, user_errors
 from ple_export.errors import (
     EXIT_INTERRUPTED,
     EXIT_PARITY_FAILED,
     EXIT_USER_ERROR,
     UserError,
 )
+from ple_export.params import arg, opt
 from ple_export.recipe_flags import recipe_from_flags, with_recipe_flags
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    help="Export Per-Layer-Embedding language models (Gemma 4) to split ONNX bundles: "
-    "the PLE table in a flash file, the decoder in DRAM.",
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib import metadata
+
+        try:
+            version = metadata.version("ple-export")
+        except metadata.PackageNotFoundError:  # run from a checkout
+            version = "unknown (not installed)"
+        out.print(f"ple-export {version}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _common(
+    version: Annotated[
+        bool,
+        typer.Option("--version", "-V", callback=_version, is_eager=True, help="Print the version and exit."),
+    ] = False,
+) -> None:
+    """Export Per-Layer-Embedding language models (Gemma 4) to split ONNX bundles: the PLE table in a
+    flash file, the decoder in DRAM. Exit codes: 0 success; 2 bad input; 3 parity or quality below the
+    thresholds; 4 over the memory budget or a regression; 70 a bug of ours; 130 Ctrl-C; 143 SIGTERM."""
+
+
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON result on stdout.")]
-QuietFlag = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+QuietFlag = Annotated[
+    bool, typer.Option("--quiet", "-q", help="No progress bars or closing notes on stderr.")
+]
+
+
+def _presets() -> list[str]:
+    from exporter.presets import PRESETS
+
+    return list(PRESETS)
+
+
+def _devices() -> list[str]:
+    from runtime_harness.measure.devices import load_devices
+
+    return list(load_devices())
+
+
+BUNDLE = P.ExistingDir("bundle")
+CHECKPOINT = P.ExistingDir("checkpoint")
+REPORT = P.ExistingFile("profile report", (".json",))
+DEVICE = P.Choice(_devices)
+ORACLE = P.Choice(("ours", "transformers"))
+GB = 10**9
+SEED = P.Int(0, 2**32 - 1)
+THREADS = P.Int(0, 256)
+TOKENS = P.Int(1, 1 << 20)
+SHARD = P.Size(1 << 10, 1 << 40)
+PAGE = P.Size(4096, 1 << 20, power_of_two=True)
+PLOT = P.OutputFile((".png", ".svg", ".pdf"), ("matplotlib", "pip install 'ple-export[plot]'"))
 
 
 @app.command()
 def synth(
-    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the checkpoint.")],
-    preset: Annotated[str, typer.Option(help="tiny | small | e2b | e4b")] = "tiny",
-    dtype: Annotated[str, typer.Option(help="bf16 | fp16 | fp32")] = "bf16",
-    seed: Annotated[int, typer.Option(help="Random seed; same seed, same bytes.")] = 0,
-    shard_size: Annotated[str, typer.Option(help="Maximum shard size, e.g. 2GB, 500MB.")] = "2GB",
+    output: Annotated[Path, opt(P.OutputDir(), "Folder for the checkpoint.", "--output", "-o")],
+    preset: Annotated[str, opt(P.Choice(_presets), "Model shapes: tiny | small | e2b | e4b.")] = "tiny",
+    dtype: Annotated[str, opt(P.Choice(("bf16", "fp16", "fp32")), "Weights' dtype.")] = "bf16",
+    seed: Annotated[int, opt(SEED, "Random seed; same seed, same bytes.")] = 0,
+    shard_size: Annotated[int, opt(SHARD, "Maximum shard size (GB = 10^9 bytes, as on the Hub).")] = 2 * GB,
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output folder.")] = False,
     as_json: JsonFlag = False,
     quiet: QuietFlag = False,
@@ -75,7 +115,7 @@ def synth(
                 output,
                 dtype,
                 seed,
-                parse_size(shard_size, "--shard-size"),
+                shard_size,
                 overwrite,
                 lambda n, total: progress("synth", n, total),
             )
@@ -92,14 +132,12 @@ def synth(
 @app.command()
 @with_recipe_flags
 def export(
-    checkpoint: Annotated[Path, typer.Argument(help="HF checkpoint folder (config.json + safetensors).")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Bundle folder to create.")],
-    page_size: Annotated[
-        str, typer.Option(help="Alignment of the PLE table and large tensors: 16KiB, 4096, ...")
-    ] = "16KiB",
+    checkpoint: Annotated[Path, arg(CHECKPOINT, "HF checkpoint folder (config.json + safetensors).")],
+    output: Annotated[Path, opt(P.OutputDir(), "Bundle folder to create.", "--output", "-o")],
+    page_size: Annotated[int, opt(PAGE, "Alignment of the PLE table and large tensors.")] = 16384,
     ple_dtype: Annotated[
-        str, typer.Option(help="A float PLE table's dtype: checkpoint | bf16 | fp16 | fp32")
-    ] = ("checkpoint"),
+        str, opt(P.Choice(("checkpoint", "bf16", "fp16", "fp32")), "A float PLE table's dtype.")
+    ] = "checkpoint",
     recipe_flags: dict[str, Any] | None = None,  # the recipe's flags: `with_recipe_flags`
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output folder.")] = False,
     as_json: JsonFlag = False,
@@ -112,7 +150,7 @@ def export(
 
         assert recipe_flags is not None
         opts = ExportOptions(
-            page_size=parse_size(page_size, "--page-size"),
+            page_size=page_size,
             ple_dtype=ple_dtype,
             recipe=recipe_from_flags(recipe_flags),
             overwrite=overwrite,
@@ -128,8 +166,8 @@ def export(
 @app.command()
 @with_recipe_flags
 def quantize(
-    bundle: Annotated[Path, typer.Argument(help="An fp32 bundle (export --quant none --ple-quant none).")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Bundle folder to create.")],
+    bundle: Annotated[Path, arg(BUNDLE, "An fp32 bundle (export --quant none --ple-quant none).")],
+    output: Annotated[Path, opt(P.OutputDir(), "Bundle folder to create.", "--output", "-o")],
     recipe_flags: dict[str, Any] | None = None,  # the recipe's flags: `with_recipe_flags`
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output folder.")] = False,
     as_json: JsonFlag = False,
@@ -152,21 +190,22 @@ def quantize(
 
 @app.command()
 def verify(
-    bundle: Annotated[Path, typer.Argument(help="Bundle folder.")],
-    reference: Annotated[Path, typer.Option(help="The checkpoint the bundle was exported from.")],
-    prompts: Annotated[int, typer.Option(help="How many prompts.")] = 3,
-    prompt_len: Annotated[int | None, typer.Option(help="Prompt tokens (default: window + 8).")] = None,
-    steps: Annotated[int, typer.Option(help="Prefill + greedy decode steps compared per prompt.")] = 8,
-    oracle: Annotated[str, typer.Option(help="ours (PyTorch re-authoring) | transformers")] = "ours",
-    seed: Annotated[int, typer.Option(help="Seed of the token-id prompts (no tokenizer).")] = 0,
+    bundle: Annotated[Path, arg(BUNDLE, "Bundle folder.")],
+    reference: Annotated[Path, opt(CHECKPOINT, "The checkpoint the bundle was exported from.")],
+    prompts: Annotated[int, opt(P.Int(1, 1000), "How many prompts.")] = 3,
+    prompt_len: Annotated[int | None, opt(TOKENS, "Prompt tokens (default: window + 8).")] = None,
+    steps: Annotated[int, opt(P.Int(1, 4096), "Prefill + greedy decode steps compared per prompt.")] = 8,
+    oracle: Annotated[str, opt(ORACLE, "ours: our PyTorch re-authoring.")] = "ours",
+    seed: Annotated[int, opt(SEED, "Seed of the token-id prompts (no tokenizer).")] = 0,
     max_rel_error: Annotated[
-        float | None, typer.Option(help="Override: max |logit error| / max |logit|.")
+        float | None, opt(P.Float(0, 1e6), "Override: max |logit error| / max |logit|.")
     ] = None,
-    min_cosine: Annotated[float | None, typer.Option(help="Override: minimum logit cosine.")] = None,
-    min_top1: Annotated[float | None, typer.Option(help="Override: minimum top-1 agreement.")] = None,
-    max_mean_kl: Annotated[float | None, typer.Option(help="Override: maximum mean KL (nats).")] = None,
+    min_cosine: Annotated[float | None, opt(P.Float(-1, 1), "Override: minimum logit cosine.")] = None,
+    min_top1: Annotated[float | None, opt(P.Float(0, 1), "Override: minimum top-1 agreement.")] = None,
+    max_mean_kl: Annotated[float | None, opt(P.Float(0, 1e6), "Override: maximum mean KL (nats).")] = None,
     no_check: Annotated[bool, typer.Option("--no-check", help="Skip the sha256 check of the files.")] = False,
     as_json: JsonFlag = False,
+    quiet: QuietFlag = False,
 ) -> None:
     """Parity of a bundle (onnxruntime) against the PyTorch reference: exit 0 pass, 3 parity failure."""
     with user_errors():
@@ -189,12 +228,11 @@ def verify(
             },
         )
         opts.validate()
-        report = run_verify(bundle, opts, reference_for(reference, oracle))
-        if as_json:
-            sys.stdout.write(json.dumps(report.to_json(), indent=2) + "\n")
-        _print_verify(report)
+        with progress_bars(not quiet and not as_json) as progress:
+            report = run_verify(bundle, opts, reference_for(reference, oracle), progress)
+        emit(report.to_json(), as_json, lambda: _print_verify(report))
         if not report.passed:
-            raise typer.Exit(EXIT_PARITY_FAILED)
+            fail(f"{bundle}: parity failed: {'; '.join(report.failures)}{report.hint()}", EXIT_PARITY_FAILED)
 
 
 def _print_verify(report: Any) -> None:
@@ -213,36 +251,35 @@ def _print_verify(report: Any) -> None:
     ]
     for row in rows:
         table.add_row(*row)
-    err.print(
+    out.print(
         f"verify {literal(report.bundle)} ({report.precision}) against {report.oracle} "
         f"reference, {report.prompts} prompts:",
         highlight=False,
     )
-    err.print(table)
-    if report.passed:
-        err.print("[green]parity holds[/]")
-    else:
-        err.print(f"[bold red]parity failed:[/] {literal('; '.join(report.failures))}", soft_wrap=True)
+    out.print(table)
+    out.print("[green]parity holds[/]" if report.passed else "[bold red]parity failed[/]")
 
 
 @app.command()
 def generate(
-    bundle: Annotated[Path, typer.Argument(help="Bundle folder.")],
-    prompt: Annotated[str | None, typer.Option(help="Text (through the bundle's tokenizer).")] = None,
-    prompt_ids: Annotated[str | None, typer.Option(help="Token ids, comma-separated (no tokenizer).")] = None,
-    max_new_tokens: Annotated[int, typer.Option(help="Stop after this many new tokens.")] = 64,
-    temperature: Annotated[float, typer.Option(help="0: greedy.")] = 0.0,
-    top_k: Annotated[int, typer.Option(help="Sample among the k likeliest (0: all).")] = 0,
-    top_p: Annotated[float, typer.Option(help="Sample within this probability mass.")] = 1.0,
-    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
-    threads: Annotated[int, typer.Option(help="Decoder threads (0: onnxruntime's default).")] = 0,
+    bundle: Annotated[Path, arg(BUNDLE, "Bundle folder.")],
+    prompt: Annotated[str | None, opt(P.Text(), "Text (through the bundle's tokenizer).")] = None,
+    prompt_ids: Annotated[Any, opt(P.Ids(), "Token ids, comma-separated (no tokenizer).")] = None,
+    max_new_tokens: Annotated[int, opt(TOKENS, "Stop after this many new tokens.")] = 64,
+    temperature: Annotated[float, opt(P.Float(0, 100), "0: greedy.")] = 0.0,
+    top_k: Annotated[int, opt(P.Int(0, 1 << 24), "Sample among the k likeliest (0: all).")] = 0,
+    top_p: Annotated[float, opt(P.Float(0, 1, lo_open=True), "Sample within this probability mass.")] = 1.0,
+    seed: Annotated[int, opt(SEED, "Sampling seed.")] = 0,
+    threads: Annotated[int, opt(THREADS, "Decoder threads (0: onnxruntime's default).")] = 0,
     no_check: Annotated[bool, typer.Option("--no-check", help="Skip the sha256 check of the files.")] = False,
     as_json: JsonFlag = False,
+    quiet: QuietFlag = False,
 ) -> None:
     """Generate from a prompt with onnxruntime only; text streams to stdout, tok/s to stderr."""
     with user_errors():
+        from ple_export.bundle.manifest import Manifest
         from ple_export.printers import TokenStream
-        from runtime_harness.generate import bundle_tokenizer
+        from runtime_harness.generate import bundle_tokenizer, check_prompt
         from runtime_harness.generate import generate as run_generate
         from runtime_harness.sampling import Sampler
         from runtime_harness.session import BundleSession
@@ -251,41 +288,47 @@ def generate(
             raise UserError("give exactly one of --prompt (text) or --prompt-ids (token ids)")
         sampler = Sampler(temperature, top_k, top_p, seed)
         sampler.validate()
-        session = BundleSession(bundle, threads=threads, check=not no_check, allow_spinning=False)
-        tok = bundle_tokenizer(session)
+        manifest = Manifest.read(bundle)
+        tok = bundle_tokenizer(bundle, manifest)
         if prompt is not None:
             if tok is None:
                 raise UserError(f"{bundle}: has no tokenizer.json; give --prompt-ids instead")
             ids = tok.encode(prompt)
         else:
-            ids = parse_ids(str(prompt_ids), "--prompt-ids")
+            ids = list(prompt_ids)
+        check_prompt(manifest, ids, max_new_tokens)  # before any weights are read
+        session = BundleSession(bundle, threads=threads, check=not no_check, allow_spinning=False)
         stream = TokenStream(tok, prompt, shown=not as_json)
         result = run_generate(session, ids, max_new_tokens, sampler, stream)
-        stream.finish(result, ids, as_json)
+        stream.finish(result, ids, as_json, quiet)
 
 
 @app.command()
 def quality(
-    bundle: Annotated[Path, typer.Argument(help="A quantized bundle.")],
-    reference: Annotated[Path, typer.Option(help="The fp32 bundle of the same model.")],
-    text: Annotated[Path, typer.Option(help="Held-out text (UTF-8) to measure on.")],
-    windows: Annotated[int, typer.Option(help="Windows of the text.")] = 8,
-    window_tokens: Annotated[int, typer.Option(help="Tokens per window.")] = 128,
+    bundle: Annotated[Path, arg(BUNDLE, "A quantized bundle.")],
+    reference: Annotated[Path, opt(BUNDLE, "The fp32 bundle of the same model.")],
+    text: Annotated[Path, opt(P.ExistingFile("text file"), "Held-out text (UTF-8) to measure on.")],
+    windows: Annotated[int, opt(P.Int(1, 100_000), "Windows of the text.")] = 8,
+    window_tokens: Annotated[int, opt(P.Int(2, 1 << 16), "Tokens per window.")] = 128,
     as_json: JsonFlag = False,
+    quiet: QuietFlag = False,
 ) -> None:
     """What quantization costs on text: perplexity (fp32 vs quantized), top-1, KL, cosine, greedy
     agreement; exit 3 when the recipe's thresholds are not met."""
     with user_errors():
-        from runtime_harness.quality import QualityOptions, compare
+        from runtime_harness.quality import QualityOptions, measure, plan
 
-        report = compare(bundle, reference, QualityOptions(text, windows, window_tokens))
+        checked = plan(bundle, reference, QualityOptions(text, windows, window_tokens))
+        with progress_bars(not quiet and not as_json) as progress:
+            report = measure(checked, progress)
         if as_json:
             sys.stdout.write(json.dumps(report.to_json(), indent=2) + "\n")
         else:
             t = report.thresholds
             out.print(
                 f"{report.tokens:,} tokens of {literal(report.text)}: perplexity "
-                f"{report.perplexity_reference:.3f} (fp32) -> {report.perplexity_quantized:.3f} "
+                f"{report.perplexity_reference:.3f} ({report.labels[0]}) -> "
+                f"{report.perplexity_quantized:.3f} ({report.labels[1]}) "
                 f"(x{report.perplexity_ratio:.4f}, limit x{t.max_perplexity_ratio}); "
                 f"top-1 {report.top1_agreement:.3f}, mean KL {report.mean_kl:.4f}, "
                 f"cosine {report.mean_cosine:.4f}, greedy agreement {report.greedy_agreement:.2f}",
@@ -301,29 +344,28 @@ def quality(
 
 @app.command()
 def profile(
-    bundle: Annotated[Path, typer.Argument(help="Bundle folder.")],
-    device: Annotated[str, typer.Option(help="Device profile (see `ple-export devices`).")] = "pixel-8a",
-    prompt_tokens: Annotated[int, typer.Option(help="Prompt length (seeded token ids).")] = 64,
-    gen_tokens: Annotated[int, typer.Option(help="Timed decode steps.")] = 32,
-    runs: Annotated[int, typer.Option(help="Timed runs (in one fresh process per mode).")] = 5,
-    warmup: Annotated[int, typer.Option(help="Untimed warm-up runs.")] = 1,
-    threads: Annotated[int, typer.Option(help="Decoder threads (0: every CPU available).")] = 0,
+    bundle: Annotated[Path, arg(BUNDLE, "Bundle folder.")],
+    device: Annotated[str, opt(DEVICE, "Device profile (see `ple-export devices`).")] = "pixel-8a",
+    prompt_tokens: Annotated[int, opt(TOKENS, "Prompt length (seeded token ids).")] = 64,
+    gen_tokens: Annotated[int, opt(TOKENS, "Timed decode steps.")] = 32,
+    runs: Annotated[int, opt(P.Int(1, 1000), "Timed runs (in one fresh process per mode).")] = 5,
+    warmup: Annotated[int, opt(P.Int(0, 100), "Untimed warm-up runs.")] = 1,
+    threads: Annotated[int, opt(THREADS, "Decoder threads (0: every CPU available).")] = 0,
     cold: Annotated[bool, typer.Option(help="Evict the PLE table before each step; count faults.")] = False,
     enforce: Annotated[bool, typer.Option(help="Run inside a memory cgroup limited to the budget.")] = False,
     budget_mb: Annotated[
-        float | None, typer.Option(help="App memory budget in MiB (default: device's).")
+        float | None, opt(P.Float(0, 1 << 24, lo_open=True), "App memory budget in MiB (default: device's).")
     ] = None,
-    seed: Annotated[int, typer.Option(help="Prompt seed.")] = 0,
+    seed: Annotated[int, opt(SEED, "Prompt seed.")] = 0,
     no_check: Annotated[bool, typer.Option("--no-check", help="Skip the sha256 check of the files.")] = False,
-    plot: Annotated[
-        Path | None, typer.Option(help="Write a .png/.svg/.pdf: memory, per-step latency.")
+    plot: Annotated[Path | None, opt(PLOT, "Draw memory and per-step latency.")] = None,
+    baseline: Annotated[
+        Path | None,
+        opt(REPORT, "An earlier profile --json to compare with."),
     ] = None,
-    baseline: Annotated[Path | None, typer.Option(help="An earlier profile --json to compare with.")] = None,
-    baseline_bundle: Annotated[
-        Path | None, typer.Option(help="A base bundle, profiled in turn with it.")
-    ] = None,
-    rounds: Annotated[int, typer.Option(help="Paired rounds against --baseline-bundle.")] = 3,
-    max_regression: Annotated[str, typer.Option(help="Allowed regression vs a baseline, e.g. 10%.")] = "10%",
+    baseline_bundle: Annotated[Path | None, opt(BUNDLE, "A base bundle, profiled in turn with it.")] = None,
+    rounds: Annotated[int, opt(P.Int(1, 100), "Paired rounds against --baseline-bundle.")] = 3,
+    max_regression: Annotated[float, opt(P.Fraction(), "Allowed regression vs a baseline, e.g. 10%.")] = 0.1,
     as_json: JsonFlag = False,
     quiet: QuietFlag = False,
 ) -> None:
@@ -333,7 +375,6 @@ def profile(
         from ple_export.printers import print_profile
         from runtime_harness import profile as prof
 
-        tolerance = parse_fraction(max_regression, "--max-regression")
         opts = prof.ProfileOptions(
             device=device,
             prompt_tokens=prompt_tokens,
@@ -347,9 +388,7 @@ def profile(
             seed=seed,
             verify=not no_check,
         )
-        gate = prof.Gate(baseline, baseline_bundle, rounds, tolerance)
-        if plot is not None:
-            prof.check_plot_path(plot)
+        gate = prof.Gate(baseline, baseline_bundle, rounds, max_regression)
         with progress_bars(not quiet and not as_json) as progress:
             report = prof.profile_gated(bundle, opts, gate, progress)
         if plot is not None:
@@ -360,7 +399,7 @@ def profile(
 
 
 @app.command()
-def devices(as_json: JsonFlag = False) -> None:
+def devices(as_json: JsonFlag = False, quiet: QuietFlag = False) -> None:
     """The device profiles `profile` knows, every figure with its source."""
     with user_errors():
         from runtime_harness.measure.devices import list_devices, render_devices
@@ -374,12 +413,14 @@ def devices(as_json: JsonFlag = False) -> None:
 
 @app.command()
 def inspect(
-    bundle: Annotated[Path, typer.Argument(help="Bundle folder.")],
-    verify: Annotated[bool, typer.Option(help="Also check every file's size and sha256.")] = False,
+    bundle: Annotated[Path, arg(BUNDLE, "Bundle folder.")],
+    verify: Annotated[bool, typer.Option(help="Also check every file's sha256 (sizes always are).")] = False,
     as_json: JsonFlag = False,
+    quiet: QuietFlag = False,
 ) -> None:
-    """What went where, in bytes: flash vs DRAM, the PLE table's bytes and pages per token, what each
-    graph pass did."""
+    """What went where: every file (placement, bytes, sha256) checked present at its size, flash vs
+    DRAM, the PLE table's pages per token, each tensor's precision and error, what each pass did.
+    Exit 2 when a listed file is missing or of another size (or sha256, with --verify)."""
     with user_errors():
         from ple_export.bundle.files import check_files, check_graph_references
         from ple_export.bundle.manifest import Manifest
@@ -387,23 +428,26 @@ def inspect(
 
         manifest = Manifest.read(bundle)
         checks = check_files(bundle, manifest, verify_hashes=verify)  # refuses files that escape it
+        problems = file_problems(checks, verify)
+        damaged = {c.path for c in checks if c.problem}
         for graph in (manifest.graphs.embedder, manifest.graphs.decoder):
-            check_graph_references(bundle, manifest, graph.file)
-        summary = BundleSummary(bundle, manifest)
-        problems = file_problems(checks)
-        if verify:
-            summary.extra["verify"] = problems
+            if graph.file not in damaged:  # a damaged file is reported as such, not parsed
+                check_graph_references(bundle, manifest, graph.file)
+        summary = BundleSummary(bundle, manifest, {"files_checked": problems}, tensors=True)
         emit(summary.to_json(), as_json, lambda: print_summary(summary, None))
-        if verify and problems["problems"]:
-            fail(f"{bundle}: {problems['problems'][0]}")
+        if problems["problems"]:
+            fail(
+                f"{bundle}: {problems['problems'][0]}"
+                + (f" (and {len(problems['problems']) - 1} more)" if len(problems["problems"]) > 1 else "")
+            )
 
 
 @app.command()
 def demo(
-    output: Annotated[Path, typer.Argument(help="Working folder: checkpoint/ and bundle/ go inside.")] = Path(
-        "ple-demo"
-    ),
-    prompt: Annotated[str, typer.Option(help="Text to continue (the trained model).")] = "If the file",
+    output: Annotated[
+        Path, arg(P.OutputDir(), "Working folder: checkpoint/ and bundle/ go inside.", "OUTPUT")
+    ] = Path("ple-demo"),
+    prompt: Annotated[str, opt(P.Text(), "Text to continue (the trained model).")] = "If the file",
     synthetic: Annotated[
         bool, typer.Option(help="Use a random tiny checkpoint (synth) instead of the trained one.")
     ] = False,

@@ -23,7 +23,9 @@ from ple_export.errors import (
     EXIT_USER_ERROR,
     Terminated,
     UserError,
+    host_memory,
     os_error,
+    out_of_memory,
 )
 
 err = Console(stderr=True)
@@ -72,7 +74,11 @@ def user_errors() -> Iterator[None]:
         fail("terminated; no partial output was left behind", EXIT_TERMINATED)
     except (typer.Exit, typer.Abort):
         raise
+    except MemoryError:
+        fail(str(host_memory("(MemoryError)")))
     except Exception as e:
+        if out_of_memory(str(e)):  # onnxruntime's std::bad_alloc arrives as its own exception type
+            fail(str(host_memory(f"({type(e).__name__})")))
         if os.environ.get("PLE_EXPORT_DEBUG"):
             raise
         first = (str(e).splitlines() or [""])[0]
@@ -100,7 +106,7 @@ def progress_bars(enabled: bool) -> Iterator[Callable[[str, int, int], None]]:
     )
     tasks: dict[str, Any] = {}
     runs = ("warm", "cold", "enforced", "head", "base")  # counted in runs, not bytes
-    steps = {"tracing": "graphs"} | dict.fromkeys(runs, "runs")
+    steps = {"tracing": "graphs", "verify": "prompts", "quality": "windows"} | dict.fromkeys(runs, "runs")
 
     def update(stage: str, n: int, total: int) -> None:
         if stage not in tasks:
@@ -120,54 +126,6 @@ def emit(payload: dict[str, Any], as_json: bool, show: Callable[[], None]) -> No
         sys.stdout.write(json.dumps(payload, indent=2) + "\n")
     else:
         show()
-
-
-def parse_fraction(text: str, flag: str) -> float:
-    t = text.strip()
-    try:
-        value = float(t[:-1]) / 100 if t.endswith("%") else float(t)
-    except ValueError:
-        raise UserError(f"{flag}: cannot read {text!r} (examples: 10%, 0.1)") from None
-    if not 0 <= value < 10:
-        raise UserError(f"{flag}: must be between 0% and 1000%, got {text!r}")
-    return value
-
-
-def parse_ids(text: str, flag: str) -> list[int]:
-    """Token ids typed as `2,17,42`."""
-    try:
-        return [int(t) for t in text.replace(" ", "").split(",") if t]
-    except ValueError:
-        raise UserError(f"{flag}: not a comma-separated list of integers: {text!r}") from None
-
-
-def parse_size(text: str, flag: str) -> int:
-    units = {
-        "KIB": 1 << 10,
-        "MIB": 1 << 20,
-        "GIB": 1 << 30,
-        "KB": 1 << 10,
-        "MB": 1 << 20,
-        "GB": 1 << 30,
-        "K": 1 << 10,
-        "M": 1 << 20,
-        "G": 1 << 30,
-        "B": 1,
-    }
-    t = text.strip().upper()
-    for unit in sorted(units, key=len, reverse=True):
-        if t.endswith(unit):
-            t, mult = t[: -len(unit)], units[unit]
-            break
-    else:
-        mult = 1
-    try:
-        value = int(float(t) * mult)
-    except (ValueError, OverflowError):
-        raise UserError(f"{flag}: cannot read size {text!r} (examples: 2GB, 16KiB, 4096)") from None
-    if value <= 0:
-        raise UserError(f"{flag}: size must be positive, got {text!r}")
-    return value
 
 
 def human(n: float) -> str:

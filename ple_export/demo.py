@@ -98,7 +98,7 @@ def run_demo(opts: DemoOptions, progress: Progress) -> DemoResult:
         bundle_dir, VerifyOptions(reference=ckpt_dir, prompts=2, steps=8), reference_for(ckpt_dir)
     )
     session = BundleSession(bundle_dir, check=False, allow_spinning=False)  # checked by verify
-    tok = bundle_tokenizer(session)
+    tok = bundle_tokenizer(session.bundle, session.manifest)
     ids = tok.encode(opts.prompt) if tok is not None else FALLBACK_IDS
     generate(session, ids, 4)  # warm-up
     gen = generate(session, ids, NEW_TOKENS)

@@ -47,3 +47,17 @@ def os_error(e: OSError, fallback: object = "") -> UserError:
     what = e.strerror or (os.strerror(e.errno) if e.errno else type(e).__name__)
     advice = _ADVICE.get(e.errno or -1)
     return UserError(f"{where}: {what}" + (f" ({advice})" if advice and advice != what.lower() else ""))
+
+
+OUT_OF_MEMORY = ("bad_alloc", "Failed to allocate memory", "MemoryError", "Cannot allocate memory")
+MEMORY_ADVICE = "use a shorter prompt or fewer tokens, fewer threads, or free memory on this machine"
+
+
+def out_of_memory(message: str) -> bool:
+    """Whether a failure message (onnxruntime's, numpy's, a worker's last line) is the host's memory."""
+    return any(sign in message for sign in OUT_OF_MEMORY)
+
+
+def host_memory(doing: str) -> UserError:
+    """The host ran out of memory: a resource limit of this machine, not a bug; say what to change."""
+    return UserError(f"the host ran out of memory {doing} ({MEMORY_ADVICE})")

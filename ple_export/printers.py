@@ -30,7 +30,8 @@ class PrecisionGroup:
 class BundleSummary:
     bundle: Path
     manifest: Manifest
-    extra: dict[str, Any] = field(default_factory=dict)  # the command's own fields (seconds, verify...)
+    extra: dict[str, Any] = field(default_factory=dict)  # the command's own fields (seconds, checks...)
+    tensors: bool = False  # show every tensor's precision (inspect)
 
     def by_precision(self) -> dict[str, PrecisionGroup]:
         """Tensors by precision with their mean weight error, and those the recipe kept float."""
@@ -92,7 +93,13 @@ class BundleSummary:
                 },
             },
             "files": [
-                {"path": f.path, "bytes": f.bytes, "placement": str(f.placement), "role": str(f.role)}
+                {
+                    "path": f.path,
+                    "bytes": f.bytes,
+                    "placement": str(f.placement),
+                    "role": str(f.role),
+                    "sha256": f.sha256,
+                }
                 for f in m.files
             ],
             "quantization": quantization,
@@ -105,11 +112,11 @@ def print_summary(summary: BundleSummary, headline: str | None) -> None:
     if headline:
         out.print(f"[green]{headline}[/]: {literal(summary.bundle)}")
     table = Table(title=None, show_edge=False)
-    for col in ("file", "placement", "role", "bytes"):
-        table.add_column(col, justify="right" if col == "bytes" else "left")
+    for col in ("file", "placement", "role", "bytes", "sha256"):
+        table.add_column(col, justify="right" if col == "bytes" else "left", overflow="fold")
     for f in m.files:
         table.add_row(
-            Text(one_line(f.path)), Text(one_line(f.placement)), Text(one_line(f.role)), human(f.bytes)
+            Text(one_line(f.path)), str(f.placement), str(f.role), human(f.bytes), f"{f.sha256[:12]}..."
         )
     out.print(table)
     out.print(
@@ -122,32 +129,52 @@ def print_summary(summary: BundleSummary, headline: str | None) -> None:
         f"PLE table: {ple.rows:,} rows x {ple.row_bytes:,} B ({literal(ple.dtype)}); a token reads "
         f"{pages.min}-{pages.max} (mean {pages.mean}) page(s) of {ple.page_size // 1024} KiB"
     )
-    if m.quantization is not None:
-        r = m.quantization.recipe
-        weights = f"weights {literal(r.weights)}"
-        if r.weights != "none":  # block and zero points mean nothing for a float decoder
-            weights += (
-                f" (block {r.block_size}, {'symmetric' if r.symmetric else 'asymmetric'}, "
-                f"{'clip search' if r.clip_search else 'round to nearest'}, "
-                f"accuracy level {r.accuracy_level})"
-            )
-        out.print(f"recipe: {weights}, PLE table {literal(r.ple)}")
-        for precision, g in sorted(summary.by_precision().items()):
-            error = g.mean_rel_weight_error
-            kept = f"; kept: {literal(', '.join(g.kept[:4]))}" if g.kept else ""
-            out.print(
-                f"  {literal(precision):>5}: {g.tensors} tensors"
-                + (f", mean relative weight error {error:.4f}" if error is not None else "")
-                + kept
-            )
+    _print_quantization(summary)
     print_passes(m.passes)
-    checks = summary.extra.get("verify")
+    checks = summary.extra.get("files_checked")
     if checks is not None:
+        what = "sizes and sha256" if checks["sha256"] else "sizes (sha256: --verify)"
         out.print(
-            "[green]verified[/]: sizes and sha256 match"
+            f"[green]checked[/]: {checks['checked']} files present, {what} as listed"
             if not checks["problems"]
-            else f"[red]{len(checks['problems'])} problem(s)[/]"
+            else f"[red]{len(checks['problems'])} problem(s)[/]: " + literal("; ".join(checks["problems"]))
         )
+
+
+def _print_quantization(summary: BundleSummary) -> None:
+    q = summary.manifest.quantization
+    if q is None:
+        return
+    r = q.recipe
+    weights = f"weights {literal(r.weights)}"
+    if r.weights != "none":  # block and zero points mean nothing for a float decoder
+        weights += (
+            f" (block {r.block_size}, {'symmetric' if r.symmetric else 'asymmetric'}, "
+            f"{'clip search' if r.clip_search else 'round to nearest'}, "
+            f"accuracy level {r.accuracy_level})"
+        )
+    out.print(f"recipe: {weights}, PLE table {literal(r.ple)}")
+    for precision, g in sorted(summary.by_precision().items()):
+        error = g.mean_rel_weight_error
+        kept = f"; kept: {literal(', '.join(g.kept))}" if g.kept else ""
+        out.print(
+            f"  {literal(precision):>5}: {g.tensors} tensors"
+            + (f", mean relative weight error {error:.4f}" if error is not None else "")
+            + kept
+        )
+    if summary.tensors:
+        table = Table(title=None, show_edge=False)
+        for col in ("tensor", "precision", "op", "block", "rel. error"):
+            table.add_column(
+                col, justify="right" if col in ("block", "rel. error") else "left", overflow="fold"
+            )
+        for name, t in q.tensors.items():
+            shown = "" if t.rel_weight_error is None else f"{t.rel_weight_error:.4f}"
+            op = t.op if t.kept_float_because is None else f"{t.op} (kept: {t.kept_float_because})"
+            table.add_row(
+                Text(one_line(name)), literal(t.precision), literal(op), str(t.block_size or ""), shown
+            )
+        out.print(table)
 
 
 def print_passes(passes: Mapping[str, Mapping[str, int]]) -> None:
@@ -181,7 +208,7 @@ class TokenStream:
                 self.text = text
         sys.stdout.flush()
 
-    def finish(self, result: Any, prompt_ids: list[int], as_json: bool) -> None:
+    def finish(self, result: Any, prompt_ids: list[int], as_json: bool, quiet: bool = False) -> None:
         if as_json:
             payload = {
                 "prompt_ids": prompt_ids,
@@ -194,6 +221,8 @@ class TokenStream:
             sys.stdout.write(json.dumps(payload, indent=2) + "\n")
             return
         sys.stdout.write("\n")
+        if quiet:
+            return
         err.print(
             f"{len(result.tokens)} tokens ({result.stopped_by}); prefill {len(prompt_ids)} tokens in "
             f"{result.prefill_seconds * 1e3:.1f} ms, decode {result.decode_tokens_per_second:.1f} tok/s",
@@ -263,5 +292,6 @@ def print_profile(report: Any, as_json: bool) -> None:
         err.print(f"[bold red]over budget:[/] {literal(report.verdict.summary)}", soft_wrap=True)
 
 
-def file_problems(checks: list[FileCheck]) -> dict[str, Any]:
-    return {"checked": len(checks), "problems": [f"{c.path} {c.problem}" for c in checks if c.problem]}
+def file_problems(checks: list[FileCheck], sha256: bool) -> dict[str, Any]:
+    problems = [f"{c.path} {c.problem}" for c in checks if c.problem]
+    return {"checked": len(checks), "sha256": sha256, "problems": problems}

@@ -10,12 +10,22 @@ from typing import Annotated, Any
 
 import typer
 
-from ple_export.bundle.recipe import QuantRecipe, parse_keep
+from ple_export import params as P
+from ple_export.bundle.recipe import (
+    ACCURACY_LEVELS,
+    MAX_BLOCK,
+    MIN_BLOCK,
+    PLE_QUANTS,
+    WEIGHT_QUANTS,
+    QuantRecipe,
+)
+from ple_export.params import opt
 
 _DEFAULT_RECIPE = QuantRecipe()
 
-QuantFlag = Annotated[str, typer.Option(help="Decoder Linear weights: int4 | int8 | none (fp32)")]
-BlockFlag = Annotated[int, typer.Option(help="Quantization block along K: 16..256, a power of two")]
+BLOCK = P.PowerOfTwo(MIN_BLOCK, MAX_BLOCK)
+QuantFlag = Annotated[str, opt(P.Choice(WEIGHT_QUANTS), "Decoder Linear weights (none: fp32).")]
+BlockFlag = Annotated[int, opt(BLOCK, "Quantization block along K.")]
 SymmetricFlag = Annotated[
     bool, typer.Option("--symmetric/--asymmetric", help="Decoder weights without or with zero points")
 ]
@@ -30,14 +40,18 @@ ClipSearchFlag = Annotated[
     ),
 ]
 AccuracyFlag = Annotated[
-    int, typer.Option(help="MatMulNBits compute type: 0 (fp32), 1, 4 (int8 compute: fastest on CPU)")
+    int,
+    opt(
+        P.Int(min(ACCURACY_LEVELS), max(ACCURACY_LEVELS)),
+        "MatMulNBits compute type: 0 (fp32), 1, 4 (int8 compute: fastest on CPU).",
+    ),
 ]
-PleQuantFlag = Annotated[str, typer.Option(help="PLE table: int8 | int4 | none (float, see --ple-dtype)")]
+PleQuantFlag = Annotated[str, opt(P.Choice(PLE_QUANTS), "PLE table (none: float, see --ple-dtype).")]
 PleBlockFlag = Annotated[
-    int | None, typer.Option(help="PLE quantization block (default: the PLE width for int8, 32 for int4)")
+    int | None, opt(BLOCK, "PLE quantization block (default: the PLE width for int8, 32 for int4).")
 ]
 KeepFlag = Annotated[
-    str | None, typer.Option(help="Tensors kept in fp32, e.g. fp32:ple_gate,ple_proj (names or globs)")
+    Any, opt(P.Keep(), "Tensors kept in fp32, e.g. fp32:ple_gate,ple_proj (names or globs).")
 ]
 
 
@@ -86,6 +100,6 @@ def recipe_from_flags(flags: dict[str, Any]) -> QuantRecipe:
         ple=flags["ple_quant"],
         ple_block_size=flags["ple_block_size"],
         ple_symmetric=flags["ple_symmetric"],
-        keep=parse_keep(flags["keep"]),
+        keep=tuple(flags["keep"] or ()),
         clip_search=flags["clip_search"],
     )

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from ple_export.bundle.format import TOKENIZER_FILE
+from ple_export.bundle.manifest import Manifest
 from ple_export.errors import UserError
 from runtime_harness import loop
 from runtime_harness.sampling import Sampler
@@ -40,24 +41,21 @@ class BundleTokenizer:
         return str(self._tok.decode(list(ids), skip_special_tokens=True))
 
 
-def bundle_tokenizer(session: BundleSession) -> BundleTokenizer | None:
-    return (
-        BundleTokenizer(session.bundle / TOKENIZER_FILE)
-        if TOKENIZER_FILE in session.manifest.listed
-        else None
-    )
+def bundle_tokenizer(bundle: Path, manifest: Manifest) -> BundleTokenizer | None:
+    """The bundle's tokenizer, when it ships one."""
+    return BundleTokenizer(bundle / TOKENIZER_FILE) if TOKENIZER_FILE in manifest.listed else None
 
 
-def check_prompt(session: BundleSession, prompt: Sequence[int], max_new_tokens: int) -> None:
+def check_prompt(manifest: Manifest, prompt: Sequence[int], max_new_tokens: int) -> None:
     """A prompt the bundle can take: not empty, ids in its vocabulary, within its context."""
     if not prompt:
         raise UserError("the prompt is empty")
     if max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
-    vocab = session.manifest.generation.vocab_size
+    vocab = manifest.generation.vocab_size
     if any(not 0 <= t < vocab for t in prompt):
         raise UserError(f"prompt token ids must be in [0, {vocab})")
-    limit = session.manifest.model.context_length
+    limit = manifest.model.context_length
     if limit is not None and len(prompt) + max_new_tokens > limit:
         raise UserError(
             f"prompt ({len(prompt)} tokens) + --max-new-tokens ({max_new_tokens}) exceeds the bundle's "
@@ -75,5 +73,5 @@ def generate(
 ) -> loop.Generation:
     """`prompt` checked against the bundle, then the one loop with `sampler`'s picks."""
     pick = sampler.picker()
-    check_prompt(session, prompt, max_new_tokens)
+    check_prompt(session.manifest, prompt, max_new_tokens)
     return loop.generate(session, list(prompt), max_new_tokens, pick, on_token, stop_at_eos)

@@ -10,12 +10,14 @@ one decode loop), and the fraction of positions where the two agree before their
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ple_export.bundle.manifest import Manifest
 from ple_export.errors import UserError
 from runtime_harness import loop
 from runtime_harness.compare.judge import judge
@@ -52,6 +54,7 @@ class QualityReport:
     recipe: dict[str, Any]
     thresholds_for: str  # the recipe class whose thresholds apply
     thresholds: Quality
+    labels: tuple[str, str]  # (reference, quantized), from their manifests
 
     @property
     def failures(self) -> list[str]:
@@ -78,6 +81,8 @@ class QualityReport:
             "recipe": self.recipe,
             "thresholds_for": self.thresholds_for,
             "thresholds": dataclasses.asdict(self.thresholds),
+            "reference_label": self.labels[0],
+            "quantized_label": self.labels[1],
             "passed": self.passed,
             "failures": self.failures,
         }
@@ -135,18 +140,73 @@ def _windows(tok: Any, opts: QualityOptions) -> list[list[int]]:
     return [bos + ids[w * stride : w * stride + body] for w in range(opts.windows)]
 
 
-def compare(quantized: Path, reference: Path, opts: QualityOptions) -> QualityReport:
-    """Measure, and carry the thresholds of the quantized bundle's recipe class."""
-    q, r = BundleSession(quantized), BundleSession(reference)
-    kind = recipe_class(q.manifest.recipe)
+def label(manifest: Manifest) -> str:
+    """What a bundle's numbers are, from its manifest.
+
+    E.g. `int4 decoder, int8 PLE` or `fp32 decoder, bfloat16 PLE`.
+    """
+    weights = manifest.recipe.weights
+    return f"{'fp32' if weights == 'none' else weights} decoder, {manifest.ple.dtype} PLE"
+
+
+def _check_reference(ref: Manifest, quantized: Manifest, path: Path) -> None:
+    """The reference must be a float bundle of the same model: nothing else compares."""
+    if ref.recipe.weights != "none" or ref.recipe.ple != "none":
+        raise UserError(
+            f"{path}: a quantized bundle ({label(ref)}); --reference must be the float bundle of the same "
+            "model (export --quant none --ple-quant none)"
+        )
+    mine, theirs = quantized.model, ref.model
+    differing = sorted(k for k in set(mine.spec) | set(theirs.spec) if mine.spec.get(k) != theirs.spec.get(k))
+    if mine.family != theirs.family or differing:
+        what = ", ".join(differing[:4]) or "family"
+        raise UserError(f"{path}: not a bundle of the same model (its spec differs in {what})")
+
+
+@dataclass(frozen=True)
+class QualityPlan:
+    """What `measure` will compare, every input checked (no weights read yet)."""
+
+    quantized: Path
+    reference: Path
+    opts: QualityOptions
+    kind: str  # the quantized bundle's recipe class: its thresholds
+    windows: list[list[int]]
+    labels: tuple[str, str]
+
+
+def plan(quantized: Path, reference: Path, opts: QualityOptions) -> QualityPlan:
+    """Check the two bundles and the text from their manifests and tokenizer alone."""
+    qm, rm = Manifest.read(quantized), Manifest.read(reference)
+    kind = recipe_class(qm.recipe)
     if kind == "fp32":
-        raise UserError("the bundle is not quantized: nothing to measure against fp32")
-    tok = bundle_tokenizer(r)
+        raise UserError(f"{quantized}: the bundle is not quantized: nothing to measure against fp32")
+    _check_reference(rm, qm, reference)
+    tok = bundle_tokenizer(reference, rm)
     if tok is None:
         raise UserError(f"{reference}: has no tokenizer.json; quality is measured on text")
+    return QualityPlan(quantized, reference, opts, kind, _windows(tok, opts), (label(rm), label(qm)))
+
+
+def compare(
+    quantized: Path,
+    reference: Path,
+    opts: QualityOptions,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> QualityReport:
+    """Measure, and carry the thresholds of the quantized bundle's recipe class."""
+    return measure(plan(quantized, reference, opts), progress)
+
+
+def measure(p: QualityPlan, progress: Callable[[str, int, int], None] | None = None) -> QualityReport:
+    """Both bundles through onnxruntime over the plan's windows."""
+    q, r = BundleSession(p.quantized), BundleSession(p.reference)
+    quantized, reference, opts, kind = p.quantized, p.reference, p.opts, p.kind
     t = _Tally()
-    for window in _windows(tok, opts):
+    for window in p.windows:
         t.window(q, r, window, opts)
+        if progress is not None:
+            progress("quality", 1, opts.windows)
     return QualityReport(
         quantized=quantized,
         reference=reference,
@@ -162,4 +222,5 @@ def compare(quantized: Path, reference: Path, opts: QualityOptions) -> QualityRe
         recipe=q.manifest.recipe.to_dict(),
         thresholds_for=kind,
         thresholds=QUALITY[kind],
+        labels=p.labels,
     )

@@ -15,6 +15,7 @@ The reference is handed in (`Reference`): this module imports no torch. The CLI 
 from __future__ import annotations
 
 import dataclasses
+import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ from runtime_harness.generate import bundle_tokenizer
 from runtime_harness.session import BundleSession
 
 SCHEMA = "ple-export-verify/1"
+FLAT_ENTROPY = 0.8  # measured: random synthetic weights 0.92, the trained tiny model 0.55-0.58
 ORACLES = ("ours", "transformers")
 
 PROMPT_TEXTS = (
@@ -40,6 +42,7 @@ PROMPT_TEXTS = (
     "In the beginning the committee met every week to discuss the plans for the new library and",
 )
 
+Progress = Callable[[str, int, int], None]
 Forward = Callable[[list[int]], np.ndarray]  # new token ids -> logits [S, V] (keeps its own cache)
 Reference = Callable[[], Forward]  # a fresh sequence of the reference model
 # builds the reference once the bundle is open (it checks the reference is the bundle's model)
@@ -78,6 +81,7 @@ class Summary:
     mean_kl: float
     max_kl: float
     mean_topk_overlap: float
+    reference_entropy: float  # median over steps; near 1: the reference's logits are flat
 
     @classmethod
     def of(cls, steps: list[StepMetrics]) -> Summary:
@@ -95,6 +99,7 @@ class Summary:
             mean_kl=sum(s.kl for s in steps) / len(steps),
             max_kl=max(s.kl for s in steps),
             mean_topk_overlap=sum(s.topk_overlap for s in steps) / len(steps),
+            reference_entropy=statistics.median(s.reference_entropy for s in steps),
         )
 
 
@@ -121,6 +126,17 @@ class VerifyReport:
     def passed(self) -> bool:
         return not self.failures
 
+    def hint(self) -> str:
+        """What a failure against a flat reference means (random weights make flat logits, whose
+        top-1 flips on any noise: a quantized bundle cannot follow them)."""
+        if self.passed or self.precision == "fp32" or self.summary.reference_entropy < FLAT_ENTROPY:
+            return ""
+        return (
+            f" (the reference's logits are nearly flat, median entropy {self.summary.reference_entropy:.2f}"
+            " of uniform's: random weights? A quantized bundle cannot follow noise; verify an fp32 export,"
+            " --quant none --ple-quant none, or a trained checkpoint)"
+        )
+
     def to_json(self) -> dict[str, Any]:
         return {
             "schema": SCHEMA,
@@ -140,7 +156,7 @@ class VerifyReport:
 def _prompts(session: BundleSession, opts: VerifyOptions) -> tuple[str, list[list[int]]]:
     vocab = session.manifest.generation.vocab_size
     length = opts.prompt_len or max(16, (session.manifest.kv_cache.sliding_window or 8) + 8)
-    tok = bundle_tokenizer(session)
+    tok = bundle_tokenizer(session.bundle, session.manifest)
     if tok is not None:
         prompts = []
         for i in range(opts.prompts):
@@ -176,7 +192,9 @@ class _Teacher:
         return np.array([token])
 
 
-def run_verify(bundle: Path, opts: VerifyOptions, reference_for: ReferenceFor) -> VerifyReport:
+def run_verify(
+    bundle: Path, opts: VerifyOptions, reference_for: ReferenceFor, progress: Progress | None = None
+) -> VerifyReport:
     opts.validate()
     session = BundleSession(bundle, threads=opts.threads, check=opts.check)
     thresholds = overridden(PARITY[recipe_class(session.manifest.recipe)], **opts.overrides)
@@ -187,6 +205,8 @@ def run_verify(bundle: Path, opts: VerifyOptions, reference_for: ReferenceFor) -
         teacher = _Teacher(reference(), prompt, opts.steps, opts.top_k, thresholds.near_tie)
         loop.generate(session, prompt, opts.steps, teacher, stop_at_eos=False)
         runs.append(PromptRun(len(prompt), teacher.tokens, teacher.metrics))
+        if progress is not None:
+            progress("verify", 1, len(prompts))
     summary = Summary.of([s for run in runs for s in run.steps])
     return VerifyReport(
         bundle=bundle,

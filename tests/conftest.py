@@ -63,3 +63,19 @@ def bundles(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFacto
     root = tmp_path_factory.mktemp("bundles")
     fp32 = ExportOptions(recipe=QuantRecipe.none())  # the reference bundles: parity is strict in fp32
     return {name: export_bundle(ckpt, root / name, fp32).out_dir for name, ckpt in checkpoints.items()}
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The shipped trained tiny Gemma 4 (it has a tokenizer and held-out text): its fp32 bundle and
+    the int4 bundle quantized from it, as `demo` and the README use them."""
+    from exporter import assets
+    from exporter.export import ExportOptions, export_bundle
+    from exporter.quantize import quantize_bundle
+    from ple_export.bundle.recipe import QuantRecipe
+
+    root = tmp_path_factory.mktemp("trained")
+    ckpt = Path(assets.__file__).parent / "tiny_trained"
+    fp32 = export_bundle(ckpt, root / "fp32", ExportOptions(recipe=QuantRecipe.none())).out_dir
+    int4 = quantize_bundle(fp32, root / "int4", QuantRecipe()).out_dir
+    return {"fp32": fp32, "int4": int4, "root": root, "checkpoint": ckpt}

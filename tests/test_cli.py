@@ -49,7 +49,8 @@ def _cmd(args: tuple[Any, ...]) -> list[str]:
 
 
 def cli(*args: Any, cwd: Path, timeout: float = 180, **kw: Any) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(_cmd(args), cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout, **kw)
+    env = kw.pop("env", ENV)
+    return subprocess.run(_cmd(args), cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, **kw)
 
 
 def assert_user_error(
@@ -483,7 +484,7 @@ def test_existing_output_is_not_clobbered(kind: str, clean_ckpt: Path, tmp_path:
         out.write_text("not a folder\n")
         before_bytes = out.read_bytes()
         proc = cli("export", clean_ckpt, "-o", out, "--quiet", cwd=tmp_path)
-        assert_user_error(proc, out, "not a directory")
+        assert_user_error(proc, out, "is a file")
         assert out.read_bytes() == before_bytes
         assert leftovers(out) == []
         return
@@ -615,7 +616,8 @@ def test_synth_export_inspect(background: Background) -> None:
     assert ple["dtype"] == "int8" and ple["row_bytes"] == TINY.ple_dim  # the default: an int8 table
     assert on_disk["ple_table.data"] >= ple["rows"] * ple["row_bytes"]
     assert summary["bytes"] == exported["bytes"] and summary["files"] == exported["files"]
-    assert summary["verify"] == {"checked": len(on_disk), "problems": []}
+    assert summary["files_checked"] == {"checked": len(on_disk), "sha256": True, "problems": []}
+    assert all(len(f["sha256"]) == 64 for f in summary["files"])
 
 
 @pytest.mark.parametrize("damage", ["flip_a_byte", "truncate"])
@@ -638,7 +640,9 @@ def test_inspect_verify_names_a_modified_file(damage: str, background: Backgroun
     before = snapshot(bundle)
     assert_user_error(cli("inspect", bundle, "--verify", cwd=tmp_path), bundle, *needles)
     assert snapshot(bundle) == before
-    if damage == "truncate":  # without --verify, inspect reads only the manifest
+    if damage == "truncate":  # sizes are checked without --verify too
+        assert_user_error(cli("inspect", bundle, cwd=tmp_path), bundle, *needles)
+    else:  # a flipped byte keeps the size: only --verify's sha256 sees it
         assert cli("inspect", bundle, cwd=tmp_path).returncode == 0
 
 
@@ -684,7 +688,7 @@ def test_overwrite_refuses_what_is_not_an_earlier_output(clean_ckpt: Path, tmp_p
 def test_demo_into_a_file_is_a_one_line_error(tmp_path: Path) -> None:
     afile = tmp_path / "afile"
     afile.write_text("x\n")
-    assert_user_error(cli("demo", afile, "--quiet", cwd=tmp_path), afile, "not a directory")
+    assert_user_error(cli("demo", afile, "--quiet", cwd=tmp_path), afile, "is a file")
     assert_user_error(cli("demo", afile / "sub", "--quiet", cwd=tmp_path), "afile")
     assert afile.read_text() == "x\n"
 

@@ -7,23 +7,10 @@ import json
 import shutil
 from pathlib import Path
 
-import pytest
-
 from exporter import assets
-from exporter.export import ExportOptions, export_bundle
-from exporter.quantize import quantize_bundle
-from ple_export.bundle.recipe import QuantRecipe
 from tests.test_cli import assert_user_error, cli
 
 TRAINED = Path(assets.__file__).parent / "tiny_trained"
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("harness")
-    fp32 = export_bundle(TRAINED, root / "fp32", ExportOptions(recipe=QuantRecipe.none())).out_dir
-    int4 = quantize_bundle(fp32, root / "int4", QuantRecipe()).out_dir
-    return {"fp32": fp32, "int4": int4, "root": root}
 
 
 def test_verify_passes_fp32_and_int4_and_says_so_in_json(trained: dict[str, Path]) -> None:

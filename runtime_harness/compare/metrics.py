@@ -38,6 +38,7 @@ class StepMetrics:
     topk_overlap: float
     reference_top2_margin: float
     ambiguous: bool  # a top-1 disagreement where the reference's own top-2 margin is a near-tie
+    reference_entropy: float  # of softmax(r), over log(V): 1 is a uniform (flat) distribution
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:
@@ -65,4 +66,7 @@ def step_metrics(a: np.ndarray, r: np.ndarray, k: int, near_tie: float) -> StepM
         topk_overlap=len(set(top_r.tolist()) & set(top_a.tolist())) / k,
         reference_top2_margin=margin,
         ambiguous=(not agree) and margin < near_tie,
+        reference_entropy=float(-(p * np.log(np.maximum(p, 1e-300))).sum() / np.log(len(p)))
+        if len(p) > 1
+        else 0.0,
     )

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from ple_export.errors import UserError
 
 if TYPE_CHECKING:
-    from rich.table import Table
+    from rich.console import Group
 
 DEVICES_FILE = Path(__file__).with_name("devices.toml")
 
@@ -165,28 +165,33 @@ def list_devices() -> list[dict[str, Any]]:
 
 _SHORT = {
     "ram_mb": "RAM",
-    "app_budget_mb": "app budget",
+    "app_budget_mb": "budget",
     "page_size": "page",
-    "flash_read_4k_us": "4 KiB read",
-    "flash_read_16k_us": "16 KiB read",
-    "flash_seq_read_mb_s": "seq. read",
+    "flash_read_4k_us": "4K rd",
+    "flash_read_16k_us": "16K rd",
+    "flash_seq_read_mb_s": "seq rd",
     "dram_bandwidth_gb_s": "DRAM",
 }
 
 
-def render_devices(rows: list[dict[str, Any]] | None = None) -> Table:
-    """`list_devices()` for people: one row per device, estimates marked with `~`; the sources are in
-    `--json` and in devices.toml."""
+def render_devices(rows: list[dict[str, Any]] | None = None) -> Group:
+    """`list_devices()` for people: a table of figures (`~` marks an estimate) that fits 80 columns
+    with the device names whole, then each device's description; the sources are in `--json` and in
+    devices.toml."""
+    from rich import box
+    from rich.console import Group
     from rich.table import Table
+    from rich.text import Text
 
+    rows = rows if rows is not None else list_devices()
     table = Table(
-        title="device profiles (~ = estimate; sources: --json or runtime_harness/measure/devices.toml)"
+        title="device profiles (~ = estimate; sources: --json or devices.toml)", box=box.SIMPLE_HEAD
     )
-    table.add_column("device", style="bold")
+    table.add_column("device", style="bold", no_wrap=True)  # the names are what one types: never cut
     for key, (unit, _, _) in FIGURES.items():
-        table.add_column(f"{_SHORT[key]}\n({unit})", justify="right")
-    table.add_column("description")
-    for row in rows if rows is not None else list_devices():
+        table.add_column(f"{_SHORT[key]}\n{unit}", justify="right", no_wrap=True)
+    for row in rows:
         cells = [f"{'~' if row[k].get('estimate') else ''}{row[k]['value']:g}" for k in FIGURES]
-        table.add_row(row["name"], *cells, row["description"])
-    return table
+        table.add_row(row["name"], *cells)
+    notes = [Text.assemble((f"{row['name']}: ", "bold"), str(row["description"])) for row in rows]
+    return Group(table, *notes)

@@ -28,7 +28,7 @@ import numpy as np
 
 from ple_export.bundle.files import trusted_bundle
 from ple_export.bundle.manifest import Manifest
-from ple_export.errors import UserError
+from ple_export.errors import UserError, host_memory, out_of_memory
 from runtime_harness.measure import memory
 from runtime_harness.measure.budget import CgroupUnavailable, MemoryCgroup
 from runtime_harness.measure.child import run_measured
@@ -80,6 +80,8 @@ def _measure(
     if not killed_by_budget and (record.status != 0 or result is None or not result.complete):
         lines = stderr.read_text(errors="replace").strip().splitlines()
         why = f"killed by signal {-record.status}" if record.status < 0 else f"exit status {record.status}"
+        if lines and out_of_memory(lines[-1]):
+            raise host_memory(f"in the {config.mode} measurement")
         raise UserError(
             f"the {config.mode} measurement failed ({why}): {lines[-1] if lines else 'no message'}"
         )
