@@ -17,7 +17,7 @@ import onnx_ir as ir
 from onnx_ir.passes import InPlacePass
 
 from graphs.counted import QuantizedTable
-from graphs.patterns import MS_DOMAIN, replace_node
+from graphs.patterns import MS_DOMAIN, replace_node, take_over
 from graphs.weight_plan import quantized_inputs
 from ple_export.bundle.format import PLE_TABLE_TENSOR
 from ple_export.bundle.recipe import QuantRecipe, bits_of
@@ -67,6 +67,18 @@ class PleTableToGatherBlockQuantized(InPlacePass):
             replace_node(graph, gather, node)
             # the lookup's output now has the scales' element type
             node.outputs[0].type = scales.type if scales is not None else None
+            _drop_noop_casts(graph, node.outputs[0])
         graph.initializers.pop(TABLE)
         model.opset_imports.setdefault(MS_DOMAIN, 1)
         return QuantizedTable(model, True, 1, block)
+
+
+def _drop_noop_casts(graph: ir.Graph, value: ir.Value) -> None:
+    """A float table's lookup may be cast to float32 (an fp32 bundle's bf16 table, in `quantize`);
+    the quantized lookup already is: that Cast would copy the rows for nothing."""
+    for use in list(value.uses()):
+        cast = use.node
+        to = cast.attributes.get("to") if cast.op_type == "Cast" else None
+        if to is not None and value.dtype is not None and to.as_int() == value.dtype.value:
+            take_over(cast.outputs[0], value)
+            graph.remove(cast, safe=True)

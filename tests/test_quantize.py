@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
 from exporter.export import ExportOptions, export_bundle
@@ -40,6 +41,12 @@ def test_quantize_gives_the_bytes_export_gives(
     requant = quantize_bundle(fp32_bundle, tmp_path / "requant", recipe)
     for f in ("decoder.data", "ple_table.data"):
         assert (direct.out_dir / f).read_bytes() == (requant.out_dir / f).read_bytes(), f
+    # the graphs compute the same (node names differ: quantize starts from the fp32 bundle's graph)
+    ops = [
+        [n.op_type for n in onnx.load(b / "embedder.onnx", load_external_data=False).graph.node]
+        for b in (direct.out_dir, requant.out_dir)
+    ]
+    assert ops[0] == ops[1] and "Cast" not in ops[1]
     assert direct.manifest.quantization == requant.manifest.quantization
     assert direct.manifest.ple == requant.manifest.ple
     for name in ("rms_norm", "skip_rms_norm", "gelu", "matmul_nbits", "sibling_matmul_nbits"):

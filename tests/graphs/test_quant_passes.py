@@ -149,14 +149,12 @@ def test_recipe_none_changes_nothing() -> None:
     assert _ops(model) == ["MatMul", "Transpose"]
 
 
-def _ple_embedder(table: np.ndarray) -> ir.Model:
+def _ple_embedder(table: np.ndarray, to: ir.DataType = ir.DataType.FLOAT) -> ir.Model:
     inits: list[ir.Value] = []
     ids = ir.Value(name="input_ids", shape=ir.Shape(["b", "s"]), type=ir.TensorType(ir.DataType.INT64))
     t = _init(inits, "ple_table", table)
     gather = ir.node("Gather", [t, ids], outputs=[ir.Value(name="embedding")])
-    cast = ir.node(
-        "Cast", [gather.outputs[0]], attributes={"to": ir.DataType.FLOAT}, outputs=[ir.Value(name="out")]
-    )
+    cast = ir.node("Cast", [gather.outputs[0]], attributes={"to": to}, outputs=[ir.Value(name="out")])
     graph = ir.Graph(
         [ids], [cast.outputs[0]], nodes=[gather, cast], initializers=inits, opset_imports={"": 18}
     )
@@ -174,7 +172,8 @@ def test_ple_table_becomes_gather_block_quantized(ple: str, block: int, bits: in
     assert result.modified and result.block_size == block and result.matches == 1
     # the codes are not named like the file they live in (ple_table.data)
     assert set(model.graph.initializers) == {"ple_table.codes", "ple_table.scales"}
-    assert _ops(model) == ["Cast", "GatherBlockQuantized"]
+    # the Cast to float32 was a copy of what the quantized lookup already gives: gone, its name kept
+    assert _ops(model) == ["GatherBlockQuantized"] and model.graph.outputs[0].name == "out"
     after = run_unoptimized(model, {"input_ids": ids})[0]
     expected = _dequantized(table, bits, block, True, clip_search=False)[ids]
     np.testing.assert_array_equal(after, expected)
@@ -196,3 +195,13 @@ def test_a_float_bundles_gemm_head_becomes_matmul_nbits() -> None:
     assert _ops(model) == ["MatMulNBits"] and model.graph.outputs[0].name == "logits"
     expected = xs @ _dequantized(emb, 8, 32, True).T
     np.testing.assert_allclose(run_unoptimized(model, {"x": xs})[0], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_a_cast_to_another_type_stays() -> None:
+    table = RNG.normal(0, 0.5, (256, 4 * 64)).astype(np.float32)
+    ids = RNG.integers(0, 256, (2, 5))
+    model = _ple_embedder(table, to=ir.DataType.FLOAT16)
+    PleTableToGatherBlockQuantized(QuantRecipe(ple="int8"), ple_dim=64)(model)
+    assert _ops(model) == ["Cast", "GatherBlockQuantized"]
+    out = run_unoptimized(model, {"input_ids": ids})[0]
+    assert out.dtype == np.float16
