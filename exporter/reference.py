@@ -78,10 +78,12 @@ class TransformersModel:
         try:
             from transformers import AutoModelForCausalLM
             from transformers.cache_utils import DynamicCache
+            from transformers.utils import logging as hf_logging
         except ImportError:
             raise UserError(
                 "--oracle transformers needs transformers installed (pip install transformers)"
             ) from None
+        hf_logging.disable_progress_bar()  # stderr is ours: progress bars only under our switch
         self.model = AutoModelForCausalLM.from_pretrained(
             checkpoint, dtype=dtype, attn_implementation="eager"
         ).eval()

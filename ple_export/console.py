@@ -48,8 +48,16 @@ def literal(text: object) -> str:
     return escape(one_line(text))
 
 
+class _Said:
+    error = False  # an error line was printed (a later exit code must not print another)
+
+
+said = _Said()
+
+
 def fail(message: str, code: int = EXIT_USER_ERROR) -> None:
     err.print(f"[bold red]error:[/] {literal(message)}", highlight=False, soft_wrap=True)
+    said.error = True
     raise typer.Exit(code)
 
 

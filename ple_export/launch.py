@@ -13,7 +13,6 @@ import builtins
 import os
 import signal
 import sys
-from typing import Any
 
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143
@@ -39,11 +38,11 @@ def _on_signal(signum: int, frame: object) -> None:
     _raise_for(signum)
 
 
-def _import(*args: Any, **kwargs: Any) -> Any:
+def _import(*args: object, **kwargs: object) -> object:
     global _importing, _pending
     _importing += 1
     try:
-        return _real_import(*args, **kwargs)
+        return _real_import(*args, **kwargs)  # type: ignore[arg-type]
     finally:
         _importing -= 1
         if _importing == 0 and _pending is not None:
@@ -52,7 +51,7 @@ def _import(*args: Any, **kwargs: Any) -> Any:
 
 
 def main() -> None:
-    builtins.__import__ = _import
+    builtins.__import__ = _import  # type: ignore[assignment]
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
     try:
@@ -70,6 +69,12 @@ def main() -> None:
         if e.code in (EXIT_INTERRUPTED, EXIT_TERMINATED):
             _exit(e.code)
         raise
+    except KeyboardInterrupt:  # one that landed where no handler of the CLI's was active
+        _exit(EXIT_INTERRUPTED, "interrupted")
+    except BaseException as e:
+        if type(e).__name__ != "Terminated":
+            raise
+        _exit(EXIT_TERMINATED, "terminated")
 
 
 def _exit(code: int, message: str | None = None) -> None:

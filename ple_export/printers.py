@@ -190,7 +190,9 @@ class TokenStream:
     def __init__(self, tok: Any, prompt: str | None, shown: bool):
         self.tok, self.shown = tok, shown
         self.new: list[int] = []
-        self.text = ""
+        # incremental detokenizing: only the tokens since the last flush are decoded, with the few
+        # before them as context (a token's text depends on its neighbours: spaces, merges)
+        self.prefix, self.read = 0, 0
         if shown and tok is not None:
             sys.stdout.write(prompt or "")
 
@@ -202,10 +204,11 @@ class TokenStream:
         if self.tok is None:
             sys.stdout.write(f"{token} ")
         else:
-            text = self.tok.decode(self.new)
-            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                sys.stdout.write(text[len(self.text) :])
-                self.text = text
+            before = self.tok.decode(self.new[self.prefix : self.read])
+            text = self.tok.decode(self.new[self.prefix :])
+            if len(text) > len(before) and not text.endswith("\ufffd"):  # a whole character more
+                sys.stdout.write(text[len(before) :])
+                self.prefix, self.read = self.read, len(self.new)
         sys.stdout.flush()
 
     def finish(self, result: Any, prompt_ids: list[int], as_json: bool, quiet: bool = False) -> None:
@@ -267,8 +270,13 @@ def print_demo(summary: BundleSummary, result: Any) -> None:
     else:
         out.print(str(gen.tokens))
     out.print(f"  {len(gen.tokens)} tokens at {gen.decode_tokens_per_second:,.0f} tok/s on this toy model")
+    prompt = (
+        "--prompt '...'"
+        if result.text is not None
+        else f"--prompt-ids {','.join(map(str, result.prompt_ids))}"
+    )
     out.print(
-        f"next: ple-export generate {literal(result.bundle)} --prompt '...'; "
+        f"next: ple-export generate {literal(result.bundle)} {prompt}; "
         f"ple-export profile {literal(result.bundle)} --device pixel-8a"
     )
 

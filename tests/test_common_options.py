@@ -46,6 +46,16 @@ def _runs(trained: dict[str, Path], out: Path) -> dict[str, list[Any]]:
         "inspect": ["inspect", int4],
         "devices": ["devices"],
         "verify": ["verify", int4, "--reference", ckpt, "--prompts", "1", "--steps", "2"],
+        "verify-transformers": [
+            "verify",
+            fp32,
+            "--reference",
+            ckpt,
+            "--oracle",
+            "transformers",
+            "--steps",
+            "2",
+        ],
         "generate": ["generate", int4, "--prompt", "If the file", "--max-new-tokens", "4"],
         "quality": ["quality", int4, "--reference", fp32, "--text", ckpt / "heldout.txt", "--windows", "1"],
         "profile": [
@@ -65,7 +75,8 @@ def _runs(trained: dict[str, Path], out: Path) -> dict[str, list[Any]]:
 
 
 @pytest.mark.parametrize(
-    "command", ["inspect", "devices", "verify", "generate", "quality", "profile", "quantize"]
+    "command",
+    ["inspect", "devices", "verify", "verify-transformers", "generate", "quality", "profile", "quantize"],
 )
 def test_quiet_leaves_stderr_empty_and_json_is_one_document(
     command: str, trained: dict[str, Path], tmp_path: Path
@@ -155,3 +166,27 @@ def test_verify_prints_its_table_on_stdout(trained: dict[str, Path], tmp_path: P
     assert proc.returncode == 0 and proc.stderr == ""
     assert "max relative logit error" in proc.stdout and "parity holds" in proc.stdout
     assert os.linesep in proc.stdout
+
+
+def test_generate_streams_exactly_the_decoded_text(capsys: pytest.CaptureFixture[str]) -> None:
+    """The stream decodes incrementally (never the whole text per token) yet prints what decoding
+    all tokens at once gives, multi-byte characters and spaces included."""
+    from exporter import assets
+    from ple_export.printers import TokenStream
+    from runtime_harness.generate import BundleTokenizer
+
+    tok = BundleTokenizer(Path(assets.__file__).parent / "tiny_trained" / "tokenizer.json")
+    text = "If the file is naïve, café — 東京 and  two  spaces;\n\tdone. " * 20
+    ids = tok.encode(text, special=False)
+    seen: list[int] = []
+
+    class Counting:
+        def decode(self, part: list[int]) -> str:
+            seen.append(len(part))
+            return tok.decode(part)
+
+    stream = TokenStream(Counting(), "P:", shown=True)
+    for t in ids:
+        stream([t])
+    assert capsys.readouterr().out == "P:" + tok.decode(ids)
+    assert len(ids) > 300 and max(seen) <= 16  # a few tokens per call, not the whole text

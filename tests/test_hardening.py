@@ -488,3 +488,46 @@ def _own_start_time() -> str:
     from ple_export.outdir import _start_time
 
     return _start_time(os.getpid())
+
+
+def _handlers_installed(pid: int, timeout: float = 30.0) -> bool:
+    """The CLI's handlers are in place: SIGTERM is caught (Python catches only SIGINT on its own,
+    and the launcher sets both at once), read from /proc/PID/status."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            return False
+        caught = int(next(ln for ln in status.splitlines() if ln.startswith("SigCgt:")).split()[1], 16)
+        if caught & (1 << (signal.SIGTERM - 1)):
+            return True
+        time.sleep(0.001)
+    return False
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, EXIT_TERMINATED)])
+def test_a_signal_at_any_moment_after_the_handlers_is_one_line(
+    sig: int, code: int, trained: dict[str, Path], tmp_path: Path
+) -> None:
+    """From the moment the launcher's handlers are in place, a signal at any delay (while modules
+    import, while an option's value is read, while the work runs) ends with exactly one line.
+    Before that moment Python itself is starting and answers a signal its own way (docs/bad-input.md)."""
+    for delay_ms in (0, 1, 2, 5, 10, 20, 40, 80, 120, 160, 240, 320, 480):
+        proc = subprocess.Popen(
+            _cmd(("profile", trained["int4"], "--runs", "1", "--warmup", "0", "--device", "pixel-8a")),
+            cwd=tmp_path,
+            env=ENV,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert _handlers_installed(proc.pid), "the handlers were never installed"
+            time.sleep(delay_ms / 1000)
+            proc.send_signal(sig)
+            _, stderr = proc.communicate(timeout=120)
+        finally:
+            proc.kill()
+        done = subprocess.CompletedProcess(proc.args, proc.returncode, "", stderr)
+        assert_user_error(done, code=code), delay_ms
