@@ -134,7 +134,8 @@ def _windows(tok: Any, opts: QualityOptions) -> list[list[int]]:
     body = opts.window_tokens - len(bos)
     if len(ids) < body * opts.windows:
         raise UserError(
-            f"{opts.text}: {len(ids)} tokens, need {body * opts.windows} for {opts.windows} windows"
+            f"{opts.text}: {len(ids)} tokens, but --windows {opts.windows} x --window-tokens "
+            f"{opts.window_tokens} need {body * opts.windows} (ask for fewer or shorter windows)"
         )
     stride = len(ids) // opts.windows
     return [bos + ids[w * stride : w * stride + body] for w in range(opts.windows)]
