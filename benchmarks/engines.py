@@ -6,7 +6,8 @@
     transformers  `Gemma4ForCausalLM`, eager attention, DynamicCache (`exporter.reference.TransformersModel`)
 
 (the peer, onnxruntime-genai, runs under its own python: `peer_engine.py`). Protocol: greedy with EOS
-masked, the prompt's forward asks for its last position's logits only, then one step per token; a
+masked, the prompt in chunks of `prefill_chunk` tokens (the loop's default) each asking for its last
+position's logits only, then one step per token; a
 run is `Generation`'s timings: prefill (the forward), TTFT (+ the first pick), each step (forward +
 pick).
 
@@ -59,8 +60,11 @@ def load(kind: str, model: str, threads: int, profile_dir: str | None = None) ->
     return (TorchModel if kind == "torch" else TransformersModel)(Path(model))
 
 
-def run(engine: Any, prompt: list[int], new_tokens: int) -> dict[str, Any]:
-    gen = loop.generate(engine, prompt, new_tokens, masked_greedy(engine.eos_ids), stop_at_eos=False)
+def run(
+    engine: Any, prompt: list[int], new_tokens: int, chunk: int = loop.DEFAULT_PREFILL_CHUNK
+) -> dict[str, Any]:
+    pick = masked_greedy(engine.eos_ids)
+    gen = loop.generate(engine, prompt, new_tokens, pick, stop_at_eos=False, prefill_chunk=chunk)
     return {
         "prefill_s": gen.prefill_seconds,
         "ttft_s": gen.first_token_seconds,
@@ -136,8 +140,9 @@ def main(task_path: str) -> int:
     record["load_s"] = time.perf_counter() - t0
     record["status_after_load"] = status()
     record["streamed_bytes"] = None if task["kind"] == "bundle" else streamed_bytes(engine)
-    record["cold"] = run(engine, task["prompt"], task["new_tokens"])
-    record["warm"] = run(engine, task["prompt"], task["new_tokens"])
+    chunk = task.get("prefill_chunk", loop.DEFAULT_PREFILL_CHUNK)
+    record["cold"] = run(engine, task["prompt"], task["new_tokens"], chunk)
+    record["warm"] = run(engine, task["prompt"], task["new_tokens"], chunk)
     record["status_end"] = status()
     if task.get("profile_dir") and task["kind"] == "bundle":
         record["profiles"] = [engine.embedder.end_profiling(), engine.decoder.end_profiling()]

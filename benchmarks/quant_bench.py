@@ -73,10 +73,10 @@ ENGINES = (*BUNDLE_ENGINES, "torch", "transformers", "peer")
 Json = dict[str, Any]
 
 
-def make_prompt(vocab: int) -> list[int]:
+def make_prompt(vocab: int, length: int = PROMPT_LEN) -> list[int]:
     import numpy as np
 
-    return [int(t) for t in np.random.RandomState(PROMPT_SEED).randint(3, vocab, size=PROMPT_LEN)]
+    return [int(t) for t in np.random.RandomState(PROMPT_SEED).randint(3, vocab, size=length)]
 
 
 def _checkpoint_key(ckpt: Path) -> str:
@@ -191,6 +191,14 @@ def _parse() -> argparse.Namespace:
         help=f"comma list out of {','.join(ENGINES)} (peer needs --peer-genai)",
     )
     p.add_argument("--repeats", type=int, default=3, help="fresh processes per engine, round-robin")
+    p.add_argument("--prompt-tokens", type=int, default=PROMPT_LEN, help="prompt length (the peer's: 128)")
+    p.add_argument("--new-tokens", type=int, default=NEW_TOKENS, help="greedy tokens after the prompt")
+    p.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=None,
+        help="our engines' prompt tokens per call (default: runtime_harness's; 0: one call)",
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--workdir", type=Path, default=Path("~/.cache/ple-export-bench/quant"))
     p.add_argument("--rebuild", action="store_true", help="re-export the cached bundles")
@@ -273,17 +281,22 @@ def _run(
     logs: Path,
     say: Callable[[str], None],
 ) -> Json:
-    prompt = make_prompt(spec.vocab_size)
+    prompt = make_prompt(spec.vocab_size, args.prompt_tokens)
+    chunk = {} if args.prefill_chunk is None else {"prefill_chunk": args.prefill_chunk}
 
     def task(engine: str, **extra: Any) -> Json:
-        return {
-            "engine": engine,
-            "kind": _kind(engine),
-            "threads": args.threads,
-            "model": models.get(engine),
-            "prompt": prompt,
-            "new_tokens": NEW_TOKENS,
-        } | extra
+        return (
+            {
+                "engine": engine,
+                "kind": _kind(engine),
+                "threads": args.threads,
+                "model": models.get(engine),
+                "prompt": prompt,
+                "new_tokens": args.new_tokens,
+            }
+            | chunk
+            | extra
+        )
 
     def python_for(engine: str) -> str:
         return str(args.peer_python) if engine == "peer" else sys.executable
@@ -322,12 +335,13 @@ def _run(
                     args.timeout,
                 )
                 files = rec.get("profiles") or [str(f) for f in sorted(pdir.glob("*.json"))]
-                profiles[engine] = parse_profile(files, NEW_TOKENS) | {"files": files}
+                profiles[engine] = parse_profile(files, args.new_tokens) | {"files": files}
             except (RuntimeError, OSError, ValueError, KeyError) as e:
                 notes.append(f"profile of {engine} failed: {e}")
     context = {
-        "prompt_len": PROMPT_LEN,
-        "new_tokens": NEW_TOKENS,
+        "prompt_len": args.prompt_tokens,
+        "new_tokens": args.new_tokens,
+        "prefill_chunk": args.prefill_chunk,
         "ours_int4": OURS_INT4,
         "bundles": BUNDLE_ENGINES,
     }

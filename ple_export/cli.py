@@ -38,6 +38,7 @@ from ple_export.errors import (
 )
 from ple_export.params import arg, opt
 from ple_export.recipe_flags import recipe_from_flags, with_recipe_flags
+from runtime_harness.defaults import DEFAULT_PREFILL_CHUNK
 
 app = typer.Typer(
     add_completion=False,
@@ -100,6 +101,8 @@ THREADS = P.Int(0, 256)
 TOKENS = P.Int(1, 1 << 20)
 SHARD = P.Size(1 << 10, 1 << 40)
 PAGE = P.Size(4096, 1 << 20, power_of_two=True)
+CHUNK = P.Int(0, 1 << 20)
+CHUNK_HELP = "Prompt tokens per prefill call (0: the whole prompt in one call)."
 PLOT = P.OutputFile((".png", ".svg", ".pdf"), ("matplotlib", "pip install 'ple-export[plot]'"))
 
 
@@ -207,6 +210,7 @@ def verify(
     prompt_len: Annotated[int | None, opt(TOKENS, "Prompt tokens (default: window + 8).")] = None,
     steps: Annotated[int, opt(P.Int(1, 4096), "Prefill + greedy decode steps compared per prompt.")] = 8,
     oracle: Annotated[str, opt(ORACLE, "ours: our PyTorch re-authoring.")] = "ours",
+    prefill_chunk: Annotated[int, opt(CHUNK, CHUNK_HELP)] = DEFAULT_PREFILL_CHUNK,
     seed: Annotated[int, opt(SEED, "Seed of the token-id prompts (no tokenizer).")] = 0,
     max_rel_error: Annotated[
         float | None, opt(P.Float(0, 1e6), "Override: max |logit error| / max |logit|.")
@@ -231,6 +235,7 @@ def verify(
             seed=seed,
             oracle=oracle,
             check=not no_check,
+            prefill_chunk=prefill_chunk,
             overrides={
                 "max_rel_error": max_rel_error,
                 "min_cosine": min_cosine,
@@ -282,6 +287,7 @@ def generate(
     top_p: Annotated[float, opt(P.Float(0, 1, lo_open=True), "Sample within this probability mass.")] = 1.0,
     seed: Annotated[int, opt(SEED, "Sampling seed.")] = 0,
     threads: Annotated[int, opt(THREADS, "Decoder threads (0: onnxruntime's default).")] = 0,
+    prefill_chunk: Annotated[int, opt(CHUNK, CHUNK_HELP)] = DEFAULT_PREFILL_CHUNK,
     no_check: Annotated[bool, typer.Option("--no-check", help="Skip the sha256 check of the files.")] = False,
     as_json: JsonFlag = False,
     quiet: QuietFlag = False,
@@ -310,7 +316,7 @@ def generate(
         check_prompt(manifest, ids, max_new_tokens)  # before any weights are read
         session = BundleSession(bundle, threads=threads, check=not no_check, allow_spinning=False)
         stream = TokenStream(tok, prompt, shown=not as_json)
-        result = run_generate(session, ids, max_new_tokens, sampler, stream)
+        result = run_generate(session, ids, max_new_tokens, sampler, stream, prefill_chunk=prefill_chunk)
         stream.finish(result, ids, as_json, quiet)
 
 
@@ -321,6 +327,7 @@ def quality(
     text: Annotated[Path, opt(P.ExistingFile("text file"), "Held-out text (UTF-8) to measure on.")],
     windows: Annotated[int, opt(P.Int(1, 100_000), "Windows of the text.")] = 8,
     window_tokens: Annotated[int, opt(P.Int(2, 1 << 16), "Tokens per window.")] = 128,
+    prefill_chunk: Annotated[int, opt(CHUNK, CHUNK_HELP)] = DEFAULT_PREFILL_CHUNK,
     as_json: JsonFlag = False,
     quiet: QuietFlag = False,
 ) -> None:
@@ -329,7 +336,9 @@ def quality(
     with user_errors():
         from runtime_harness.quality import QualityOptions, measure, plan
 
-        checked = plan(bundle, reference, QualityOptions(text, windows, window_tokens))
+        checked = plan(
+            bundle, reference, QualityOptions(text, windows, window_tokens, prefill_chunk=prefill_chunk)
+        )
         with progress_bars(not quiet and not as_json) as progress:
             report = measure(checked, progress)
         if as_json:
@@ -357,7 +366,13 @@ def quality(
 def profile(
     bundle: Annotated[Path, arg(BUNDLE, "Bundle folder.")],
     device: Annotated[str, opt(DEVICE, "Device profile (see `ple-export devices`).")] = "pixel-8a",
-    prompt_tokens: Annotated[int, opt(TOKENS, "Prompt length (seeded token ids).")] = 64,
+    prompt_tokens: Annotated[
+        Any,  # a tuple of ints (P.Ints); typed `tuple`, typer would take several arguments
+        opt(P.Ints(1, 1 << 20), "Prompt length (seeded token ids); a sweep: 128,1024,4096."),
+    ] = "64",
+    prefill_chunk: Annotated[
+        int | None, opt(CHUNK, "Prompt tokens per prefill call (0: one call; default: the device's).")
+    ] = None,
     gen_tokens: Annotated[int, opt(TOKENS, "Timed decode steps.")] = 32,
     runs: Annotated[int, opt(P.Int(1, 1000), "Timed runs (in one fresh process per mode).")] = 5,
     warmup: Annotated[int, opt(P.Int(0, 100), "Untimed warm-up runs.")] = 1,
@@ -370,10 +385,7 @@ def profile(
     seed: Annotated[int, opt(SEED, "Prompt seed.")] = 0,
     no_check: Annotated[bool, typer.Option("--no-check", help="Skip the sha256 check of the files.")] = False,
     plot: Annotated[Path | None, opt(PLOT, "Draw memory and per-step latency.")] = None,
-    baseline: Annotated[
-        Path | None,
-        opt(REPORT, "An earlier profile --json to compare with."),
-    ] = None,
+    baseline: Annotated[Path | None, opt(REPORT, "An earlier profile --json to compare with.")] = None,
     baseline_bundle: Annotated[Path | None, opt(BUNDLE, "A base bundle, profiled in turn with it.")] = None,
     rounds: Annotated[int, opt(P.Int(1, 100), "Paired rounds against --baseline-bundle.")] = 3,
     max_regression: Annotated[float, opt(P.Fraction(), "Allowed regression vs a baseline, e.g. 10%.")] = 0.1,
@@ -388,7 +400,9 @@ def profile(
 
         opts = prof.ProfileOptions(
             device=device,
-            prompt_tokens=prompt_tokens,
+            prompt_tokens=prompt_tokens[-1],
+            sweep=prompt_tokens[:-1],
+            prefill_chunk=prefill_chunk,
             gen_tokens=gen_tokens,
             runs=runs,
             warmup=warmup,

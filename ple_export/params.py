@@ -70,6 +70,36 @@ class Int(Param):
 
 
 @dataclass(frozen=True)
+class Ints(Param):
+    """One whole number or a comma-separated sweep of them (`128,1024,4096`), each in [lo, hi]:
+    returned sorted, without repeats."""
+
+    lo: int
+    hi: int
+    most: int = 16
+    metavar = "N[,N...]"
+
+    def parse(self, text: str) -> tuple[int, ...]:
+        parts = str(text).replace(" ", "").split(",")
+        try:
+            values = sorted({int(t) for t in parts})
+        except ValueError:
+            raise _bad(text, f"must be whole numbers from {self.lo} to {self.hi}, e.g. 128,1024") from None
+        if not self.lo <= values[0] or values[-1] > self.hi:
+            raise _bad(text, f"each must be from {self.lo} to {self.hi}")
+        if len(values) > self.most:
+            raise _bad(text, f"at most {self.most} values")
+        return tuple(values)
+
+    def domain(self) -> str:
+        return f"{self.lo}..{self.hi}, comma-separated"
+
+    def edges(self) -> tuple[list[str], list[str]]:
+        inside = [str(self.lo), str(self.hi), f"{self.lo},{self.hi}"]
+        return inside, [str(self.lo - 1), str(self.hi + 1), f"{self.lo},{self.hi + 1}", "1,x", "", ","]
+
+
+@dataclass(frozen=True)
 class Float(Param):
     """A finite number in [lo, hi] (or (lo, hi] with `lo_open`)."""
 

@@ -59,7 +59,7 @@ def check_prompt(manifest: Manifest, prompt: Sequence[int], max_new_tokens: int)
     if limit is not None and len(prompt) + max_new_tokens > limit:
         raise UserError(
             f"prompt ({len(prompt)} tokens) + --max-new-tokens ({max_new_tokens}) exceeds the bundle's "
-            f"context of {limit} tokens"
+            f"context of {limit} tokens by {len(prompt) + max_new_tokens - limit}"
         )
 
 
@@ -70,8 +70,12 @@ def generate(
     sampler: Sampler = GREEDY,
     on_token: Callable[[np.ndarray], None] | None = None,
     stop_at_eos: bool = True,
+    prefill_chunk: int = loop.DEFAULT_PREFILL_CHUNK,
 ) -> loop.Generation:
-    """`prompt` checked against the bundle, then the one loop with `sampler`'s picks."""
+    """`prompt` checked against the bundle, then the one loop with `sampler`'s picks (the prompt in
+    chunks of `prefill_chunk` tokens; 0: one call)."""
     pick = sampler.picker()
     check_prompt(session.manifest, prompt, max_new_tokens)
-    return loop.generate(session, list(prompt), max_new_tokens, pick, on_token, stop_at_eos)
+    return loop.generate(
+        session, list(prompt), max_new_tokens, pick, on_token, stop_at_eos, prefill_chunk=prefill_chunk
+    )

@@ -1,8 +1,8 @@
 """What quantization costs, end to end: a quantized bundle against the fp32 bundle of the same model
 on held-out text, both run by onnxruntime.
 
-Teacher-forced over windows of the text (each window one call, so every position's logits come from
-one forward): perplexity of each bundle, top-1 agreement, mean KL(fp32 || quantized), mean logit
+Teacher-forced over windows of the text (each window in chunks of `prefill_chunk` tokens, as a
+prompt is run): perplexity of each bundle, top-1 agreement, mean KL(fp32 || quantized), mean logit
 cosine; then greedy generation of `greedy_steps` tokens from the start of each window by both (the
 one decode loop), and the fraction of positions where the two agree before their first divergence.
 """
@@ -36,6 +36,7 @@ class QualityOptions:
     window_tokens: int = 128
     greedy_steps: int = 32
     prompt_tokens: int = 8
+    prefill_chunk: int = loop.DEFAULT_PREFILL_CHUNK
 
 
 @dataclass(frozen=True)
@@ -102,11 +103,11 @@ class _Tally:
     greedy_total: int = 0
 
     def window(self, q: BundleSession, r: BundleSession, window: list[int], opts: QualityOptions) -> None:
-        """One window teacher-forced through both (every position's logits, one call each), then
+        """One window teacher-forced through both (every position's logits, in chunks), then
         `greedy_steps` greedy tokens of each from its first `prompt_tokens`."""
         x = np.array([window], dtype=np.int64)
-        lq = q.forward(x, q.new_cache(1))[0, :-1]
-        lr = r.forward(x, r.new_cache(1))[0, :-1]
+        lq = loop.score(q, x, q.new_cache(1), opts.prefill_chunk)[0, :-1]
+        lr = loop.score(r, x, r.new_cache(1), opts.prefill_chunk)[0, :-1]
         target = np.array(window[1:])
         pq, pr = log_softmax(lq), log_softmax(lr)
         pos = np.arange(len(target))
@@ -117,8 +118,9 @@ class _Tally:
         self.kls.extend(position_kl(pr, pq).tolist())
         self.cosines.extend(position_cosine(lq, lr).tolist())
         prompt = window[: opts.prompt_tokens]
-        gq = loop.generate(q, prompt, opts.greedy_steps, stop_at_eos=False).tokens
-        gr = loop.generate(r, prompt, opts.greedy_steps, stop_at_eos=False).tokens
+        chunk = opts.prefill_chunk
+        gq = loop.generate(q, prompt, opts.greedy_steps, stop_at_eos=False, prefill_chunk=chunk).tokens
+        gr = loop.generate(r, prompt, opts.greedy_steps, stop_at_eos=False, prefill_chunk=chunk).tokens
         self.greedy_agree += next((i for i, (a, b) in enumerate(zip(gq, gr, strict=True)) if a != b), len(gr))
         self.greedy_total += len(gr)
 

@@ -60,6 +60,7 @@ class VerifyOptions:
     top_k: int = 5
     threads: int = 0
     check: bool = True
+    prefill_chunk: int = loop.DEFAULT_PREFILL_CHUNK  # the bundle's prompt in chunks (0: one call)
     overrides: dict[str, float | None] = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -203,7 +204,9 @@ def run_verify(
     runs = []
     for prompt in prompts:
         teacher = _Teacher(reference(), prompt, opts.steps, opts.top_k, thresholds.near_tie)
-        loop.generate(session, prompt, opts.steps, teacher, stop_at_eos=False)
+        loop.generate(
+            session, prompt, opts.steps, teacher, stop_at_eos=False, prefill_chunk=opts.prefill_chunk
+        )
         runs.append(PromptRun(len(prompt), teacher.tokens, teacher.metrics))
         if progress is not None:
             progress("verify", 1, len(prompts))

@@ -28,6 +28,7 @@ FIGURES: dict[str, tuple[str, float, float]] = {
     "flash_read_16k_us": ("us", 1, 100_000),
     "flash_seq_read_mb_s": ("MB/s", 1, 100_000),
     "dram_bandwidth_gb_s": ("GB/s", 0.1, 10_000),
+    "prefill_chunk": ("tok", 1, 1 << 16),
 }
 
 
@@ -59,6 +60,11 @@ class Device:
     @property
     def page_size(self) -> int:
         return int(self["page_size"])
+
+    @property
+    def prefill_chunk(self) -> int:
+        """Prompt tokens per prefill call on this device (`runtime_harness.loop`)."""
+        return int(self["prefill_chunk"])
 
     @property
     def app_budget_bytes(self) -> int:
@@ -171,6 +177,7 @@ _SHORT = {
     "flash_read_16k_us": "16K rd",
     "flash_seq_read_mb_s": "seq rd",
     "dram_bandwidth_gb_s": "DRAM",
+    "prefill_chunk": "chunk",
 }
 
 
@@ -185,7 +192,10 @@ def render_devices(rows: list[dict[str, Any]] | None = None) -> Group:
 
     rows = rows if rows is not None else list_devices()
     table = Table(
-        title="device profiles (~ = estimate; sources: --json or devices.toml)", box=box.SIMPLE_HEAD
+        title="device profiles (~ = estimate; sources: --json or devices.toml)",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        collapse_padding=True,
     )
     table.add_column("device", style="bold", no_wrap=True)  # the names are what one types: never cut
     for key, (unit, _, _) in FIGURES.items():

@@ -19,6 +19,7 @@ from runtime_harness.measure.stats import Spread, mean_or_none
 from runtime_harness.profile.options import MIB
 from runtime_harness.profile.report import (
     ColdReport,
+    ContextPoint,
     EnforceReport,
     Eviction,
     FlashCost,
@@ -69,6 +70,20 @@ def summarize(result: WorkerResult, n_prompt: int, n_gen: int) -> ModeSummary:
         step_ms_by_index=[float(np.median([r.steps[i].s * 1e3 for r in runs])) for i in range(n_gen)]
         if runs
         else [],
+    )
+
+
+def context_point(result: WorkerResult, n_prompt: int, n_gen: int, manifest: Manifest) -> ContextPoint:
+    """A warm run at one prompt length, as a point of the context sweep."""
+    s = summarize(result, n_prompt, n_gen)
+    return ContextPoint(
+        prompt_tokens=n_prompt,
+        ttft_ms=s.ttft_ms.median,
+        prefill_tok_s=s.prefill_tok_s.median,
+        decode_tok_s=s.decode_tok_s.median,
+        rss_peak_bytes=result.rss_peak_bytes,
+        anonymous_peak_bytes=max(result.anonymous_peak_bytes - result.baseline_anonymous_bytes, 0),
+        kv_cache_bytes=manifest.kv_cache.bytes_after(n_prompt + n_gen),
     )
 
 

@@ -16,7 +16,9 @@ class ProfileOptions:
     renders, plots and compares the report."""
 
     device: str = "pixel-8a"
-    prompt_tokens: int = 64
+    prompt_tokens: int = 64  # the longest prompt of the sweep: the verdict is judged there
+    sweep: tuple[int, ...] = ()  # shorter prompts, each run warm in its own process (cost vs context)
+    prefill_chunk: int | None = None  # prompt tokens per prefill call; None: the device's, 0: one call
     gen_tokens: int = 32  # timed decode steps after the prefill's first token
     runs: int = 5  # timed runs, in one fresh process per mode
     warmup: int = 1
@@ -31,6 +33,12 @@ class ProfileOptions:
         for name in ("prompt_tokens", "gen_tokens", "runs"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if any(not 1 <= n < self.prompt_tokens for n in self.sweep):
+            raise UserError(
+                f"the context sweep {self.sweep} must be shorter prompts than {self.prompt_tokens}"
+            )
+        if self.prefill_chunk is not None and self.prefill_chunk < 0:
+            raise UserError(f"--prefill-chunk must be 0 (one call) or more, got {self.prefill_chunk}")
         if self.warmup < 0 or self.threads < 0:
             raise UserError("--warmup and --threads must be 0 or more")
         if self.budget_mb is not None and not (self.budget_mb > 0 and math.isfinite(self.budget_mb)):

@@ -1,4 +1,5 @@
-"""The report as one picture: where memory lives against the budget, and decode latency per step."""
+"""The report as one picture: where memory lives against the budget, decode latency per step, and,
+for a context sweep, time to first token and peak memory against prompt length."""
 
 from __future__ import annotations
 
@@ -54,7 +55,9 @@ def plot(report: ProfileReport, path: Path) -> None:
             color = "tab:blue" if placement.get(name) == Placement.FLASH else "tab:orange"
             bars.append((f"file-backed\n{name}", entry.rss_bytes, color))
     labels, values, colors = zip(*[(lbl, v / MIB, c) for lbl, v, c in bars], strict=True)
-    fig, (ax_mem, ax_lat) = plt.subplots(1, 2, figsize=(13, 5.5))
+    sweep = len(report.context) > 1
+    fig, axes = plt.subplots(1, 3 if sweep else 2, figsize=(19 if sweep else 13, 5.5))
+    ax_mem, ax_lat = axes[0], axes[1]
     ax_mem.bar(labels, values, color=colors)
     resident, budget = verdict.dram_resident_bytes / MIB, verdict.budget_bytes / MIB
     ax_mem.axhline(resident, color="black", linestyle=":", label=f"DRAM-resident {resident:.1f} MiB")
@@ -76,6 +79,8 @@ def plot(report: ProfileReport, path: Path) -> None:
     ax_lat.set_ylim(bottom=0)
     ax_lat.set_title("decode step latency (this host)")
     ax_lat.legend(fontsize=8)
+    if sweep:
+        _context(axes[2], report)
     fig.suptitle("\n".join(textwrap.wrap(f"{report.model.model_type}: {verdict.summary}", 150)), fontsize=9)
     fig.tight_layout()
     try:
@@ -84,3 +89,25 @@ def plot(report: ProfileReport, path: Path) -> None:
         raise os_error(e, path) from None
     finally:
         plt.close(fig)
+
+
+def _context(ax: Any, report: ProfileReport) -> None:
+    """Cost against context: TTFT (left axis) and peak RSS with the KV cache's share (right axis)."""
+    points = report.context
+    n = [p.prompt_tokens for p in points]
+    ax.plot(n, [(p.ttft_ms or 0) / 1e3 for p in points], marker="o", color="tab:purple", label="TTFT (s)")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel(f"prompt tokens (prefill chunk: {report.prefill_chunk or 'one call'})")
+    ax.set_ylabel("time to first token, s")
+    ax.set_ylim(bottom=0)
+    mem = ax.twinx()
+    mem.plot(n, [p.rss_peak_bytes / MIB for p in points], marker="s", color="tab:red", label="peak RSS")
+    base = points[0].rss_peak_bytes - points[0].kv_cache_bytes
+    kv = [(base + p.kv_cache_bytes) / MIB for p in points]
+    mem.plot(n, kv, linestyle=":", color="tab:red", label="first point + KV growth")
+    mem.set_ylabel("MiB")
+    mem.set_ylim(bottom=0)
+    ax.set_title("cost against context (warm)", loc="left")
+    lines = ax.get_legend_handles_labels()
+    more = mem.get_legend_handles_labels()
+    ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=8, loc="upper left")

@@ -33,7 +33,7 @@ def _timings(table: Table, report: ProfileReport) -> None:
             f"{mode}: TTFT",
             num(res.ttft_ms.median, ".2f", " ms"),
             f"p90 {num(res.ttft_ms.p90, '.2f', ' ms')}; prefill of {report.options.prompt_tokens} tokens "
-            "+ first token",
+            f"({_chunking(report.prefill_chunk)}) + first token",
         )
         table.add_row(
             f"{mode}: prefill",
@@ -46,6 +46,28 @@ def _timings(table: Table, report: ProfileReport) -> None:
             f"p90 {num(res.decode_tok_s.p90, '.1f', ' tok/s')}; "
             f"step {num(res.decode_step_ms.median, '.3f', ' ms')}, "
             f"lookup {num(res.lookup_step_ms.median, '.3f', ' ms')}",
+        )
+
+
+def _chunking(chunk: int) -> str:
+    return "one call" if chunk == 0 else f"chunks of {chunk}"
+
+
+def _context(table: Table, report: ProfileReport) -> None:
+    """The context sweep, one row per prompt length: what a longer prompt costs."""
+    if len(report.context) < 2:
+        return
+    table.add_section()
+    first = report.context[0]
+    for p in report.context:
+        growth = p.rss_peak_bytes - first.rss_peak_bytes
+        kv = p.kv_cache_bytes - first.kv_cache_bytes
+        table.add_row(
+            f"context {p.prompt_tokens}",
+            num(p.ttft_ms and p.ttft_ms / 1e3, ".2f", " s TTFT"),
+            f"prefill {num(p.prefill_tok_s, '.0f')} tok/s, decode {num(p.decode_tok_s, '.1f')} tok/s; "
+            f"peak RSS {size(p.rss_peak_bytes)}"
+            + (f" (+{size(growth)} over {first.prompt_tokens}; KV +{size(kv)})" if p is not first else ""),
         )
 
 
@@ -182,6 +204,7 @@ def render_table(report: ProfileReport) -> Table:
     )
     table.add_row("runtime", "phone-like", "no spinning; lookup on 1 thread; decoder on the threads")
     _timings(table, report)
+    _context(table, report)
     _memory(table, report)
     _ple(table, report)
     _cold_and_enforced(table, report)

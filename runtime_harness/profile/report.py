@@ -37,6 +37,19 @@ class ModeSummary:
 
 
 @dataclass(frozen=True)
+class ContextPoint:
+    """One prompt length of the context sweep, warm: what a longer prompt costs (llama-bench's -p)."""
+
+    prompt_tokens: int
+    ttft_ms: float | None  # medians over the timed runs
+    prefill_tok_s: float | None
+    decode_tok_s: float | None
+    rss_peak_bytes: int  # the process's VmHWM
+    anonymous_peak_bytes: int  # above the interpreter's own
+    kv_cache_bytes: int  # the manifest's KV cache after prompt + gen tokens
+
+
+@dataclass(frozen=True)
 class ModeMemory:
     after_load: MemorySplit | None
     after_runs: MemorySplit | None
@@ -271,6 +284,8 @@ class ProfileReport:
     cold: ColdReport | None
     enforce: EnforceReport | None
     verdict: Verdict
+    context: list[ContextPoint] = field(default_factory=list)  # ascending prompt lengths; the last is warm's
+    prefill_chunk: int = 0  # prompt tokens per prefill call (0: one call)
     notes: list[str] = field(default_factory=list)
     regressions: list[str] = field(default_factory=list)
     versus: Any = None  # `versus.Versus`: the paired rounds against --baseline-bundle, when asked
@@ -303,6 +318,8 @@ class ProfileReport:
             "cold": asdict(self.cold) if self.cold else None,
             "enforce": asdict(self.enforce) if self.enforce else None,
             "verdict": verdict,
+            "prefill_chunk": self.prefill_chunk,
+            "context": [asdict(p) for p in self.context],
             "notes": self.notes,
             "regressions": self.regressions,
             "versus": asdict(self.versus) | {"base": str(self.versus.base)} if self.versus else None,

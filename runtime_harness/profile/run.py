@@ -3,6 +3,10 @@
     warm       load, `warmup` untimed runs, `runs` timed runs (prefill + `gen_tokens` decode steps)
     cold       the same, the PLE table evicted before every call: each lookup faults from disk
     enforced   the warm run inside a memory cgroup limited to the budget
+    warm@N     the warm run with an N-token prompt, for each shorter prompt of a context sweep
+               (`--prompt-tokens 128,1024,4096`): cost against context, as llama-bench's -p grid
+
+Every prompt is prefilled in chunks of the device's `prefill_chunk` tokens (or `--prefill-chunk`).
 
 onnxruntime is tuned as a phone app would run it: no spinning of idle pool threads, the PLE lookup on
 one thread, the decoder on `threads`. Each worker runs under the measuring core's child runner
@@ -183,24 +187,26 @@ class _Plan:
     budget_source: str
     floor: int
     threads: int
-    prompt: list[int]
+    prompt: list[int]  # the longest prompt; a sweep's shorter ones are its prefixes
+    chunk: int  # prompt tokens per prefill call (0: one call)
 
     @property
     def positions(self) -> int:
         return self.options.prompt_tokens + self.options.gen_tokens
 
-    def config(self, mode: str, workdir: Path) -> WorkerConfig:
+    def config(self, mode: str, workdir: Path, prompt_tokens: int | None = None) -> WorkerConfig:
         return WorkerConfig(
             mode=mode,
             bundle=str(self.bundle),
             ple_file=str(self.bundle / self.manifest.ple.file),
             files={name: str(p) for name, p in self.files.items()},
-            prompt=self.prompt,
+            prompt=self.prompt[:prompt_tokens],
             gen_tokens=self.options.gen_tokens,
             runs=self.options.runs,
             warmup=self.options.warmup,
             threads=self.threads,
             result=str(workdir / f"{mode}.result.json"),
+            prefill_chunk=self.chunk,
         )
 
 
@@ -215,10 +221,12 @@ def _plan(bundle: Path, options: ProfileOptions) -> _Plan:
     limit = manifest.model.context_length
     if limit is not None and positions > limit:
         raise UserError(
-            f"--prompt-tokens + --gen-tokens ({positions}) exceeds the bundle's context of {limit} tokens"
+            f"--prompt-tokens + --gen-tokens ({positions}) exceeds the bundle's context of {limit} tokens "
+            f"by {positions - limit}"
         )
     budget, source = analysis.budget_of(device, options.budget_mb)
     floor = analysis.floor_bytes(manifest, positions)
+    _check_prompt_fits(manifest, options, budget, source, floor)
     if options.enforce and floor <= budget:
         _check_cgroup(budget)
     ple_file = bundle / manifest.ple.file
@@ -231,21 +239,55 @@ def _plan(bundle: Path, options: ProfileOptions) -> _Plan:
     prompt = [int(t) for t in np.random.default_rng(options.seed).integers(0, vocab, options.prompt_tokens)]
     threads = options.threads or len(os.sched_getaffinity(0))
     files = {f.path: bundle / f.path for f in manifest.files}
-    return _Plan(bundle, options, device, manifest, files, budget, source, floor, threads, prompt)
+    chunk = device.prefill_chunk if options.prefill_chunk is None else options.prefill_chunk
+    return _Plan(bundle, options, device, manifest, files, budget, source, floor, threads, prompt, chunk)
 
 
-def _run_modes(plan: _Plan, progress: Progress) -> tuple[dict[str, WorkerResult], EnforceReport | None]:
-    """The warm run, the cold one if asked, the enforced one if asked: each in a fresh process."""
+def _check_prompt_fits(
+    manifest: Manifest, options: ProfileOptions, budget: int, source: str, floor: int
+) -> None:
+    """A prompt whose KV cache alone pushes a bundle that fits over the budget is bad input, said
+    before any work: which limit, by how much, and the longest prompt that fits. (A bundle that
+    does not fit even with a one-token prompt is the verdict's to report.)"""
+    shortest = analysis.floor_bytes(manifest, 1 + options.gen_tokens)
+    if floor <= budget or shortest > budget:
+        return
+    fits = 1
+    lo, hi = 1, options.prompt_tokens  # the longest prompt whose floor fits: floor grows with it
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        if analysis.floor_bytes(manifest, mid + options.gen_tokens) <= budget:
+            fits, lo = mid, mid + 1
+        else:
+            hi = mid - 1
+    kv = manifest.kv_cache.bytes_after(options.prompt_tokens + options.gen_tokens)
+    raise UserError(
+        f"--prompt-tokens {options.prompt_tokens}: its KV cache ({kv / MIB:.1f} MiB) puts the bundle "
+        f"{(floor - budget) / MIB:.1f} MiB over the {budget / MIB:.1f} MiB budget ({source}), chunked or "
+        f"not; the longest prompt that fits is {fits} tokens"
+    )
+
+
+def _run_modes(
+    plan: _Plan, progress: Progress
+) -> tuple[dict[str, WorkerResult], dict[int, WorkerResult], EnforceReport | None]:
+    """The warm run, the cold one if asked, a warm run per shorter prompt of a sweep, the enforced
+    one if asked: each in a fresh process."""
     opts = plan.options
     with tempfile.TemporaryDirectory(prefix="ple-profile-") as tmp:
         workdir = Path(tmp)
         results: dict[str, WorkerResult] = {}
+        sweep: dict[int, WorkerResult] = {}
         for mode in ("warm", "cold") if opts.cold else ("warm",):
             result, _ = _measure(plan.config(mode, workdir), workdir, progress)
             assert result is not None  # outside a cgroup, a run that wrote nothing raised
             results[mode] = result
+        for n in opts.sweep:  # shorter prompts: cost against context, one fresh warm process each
+            result, _ = _measure(plan.config(f"warm@{n}", workdir, n), workdir, progress)
+            assert result is not None
+            sweep[n] = result
         if not opts.enforce:
-            return results, None
+            return results, sweep, None
         warm_summary = analysis.summarize(results["warm"], opts.prompt_tokens, opts.gen_tokens)
         enforced, result = _enforce(
             opts,
@@ -259,7 +301,7 @@ def _run_modes(plan: _Plan, progress: Progress) -> tuple[dict[str, WorkerResult]
         )
         if result is not None:
             results["enforced"] = result
-        return results, enforced
+        return results, sweep, enforced
 
 
 def run_profile(bundle: Path, options: ProfileOptions, progress: Progress | None = None) -> ProfileReport:
@@ -271,12 +313,16 @@ def run_profile(bundle: Path, options: ProfileOptions, progress: Progress | None
     if options.verify:  # hashing read every byte: residency must start from a cold cache again
         memory.drop_page_cache(plan.files.values())
     load_before = os.getloadavg()[0]
-    results, enforced = _run_modes(plan, progress)
-    return _report(plan, results, enforced, _environment(plan.bundle, plan.threads, load_before))
+    results, sweep, enforced = _run_modes(plan, progress)
+    return _report(plan, results, sweep, enforced, _environment(plan.bundle, plan.threads, load_before))
 
 
 def _report(
-    plan: _Plan, results: dict[str, WorkerResult], enforced: EnforceReport | None, environment: Environment
+    plan: _Plan,
+    results: dict[str, WorkerResult],
+    sweep: dict[int, WorkerResult],
+    enforced: EnforceReport | None,
+    environment: Environment,
 ) -> ProfileReport:
     n_prompt, n_gen, manifest = plan.options.prompt_tokens, plan.options.gen_tokens, plan.manifest
     summaries = {mode: analysis.summarize(r, n_prompt, n_gen) for mode, r in results.items()}
@@ -304,6 +350,11 @@ def _report(
         ple=ple,
         cold=analysis.cold_report(cold, summaries["warm"], summaries["cold"]) if cold is not None else None,
         enforce=enforced,
+        context=[
+            analysis.context_point(r, n, n_gen, manifest)
+            for n, r in sorted({**sweep, n_prompt: warm}.items())
+        ],
+        prefill_chunk=plan.chunk,
         verdict=analysis.verdict(
             plan.device,
             plan.budget,

@@ -37,6 +37,7 @@ class WorkerConfig:
     warmup: int
     threads: int
     result: str  # where the worker writes its result
+    prefill_chunk: int = 0  # prompt tokens per prefill call (0: one call)
 
     @property
     def cold(self) -> bool:
@@ -190,7 +191,14 @@ def work(config: WorkerConfig) -> WorkerResult:
 
     for i in range(config.warmup + config.runs):
         probe = _Probe(session, config, result)
-        gen = loop.generate(session, config.prompt, config.gen_tokens + 1, stop_at_eos=False, hook=probe)
+        gen = loop.generate(
+            session,
+            config.prompt,
+            config.gen_tokens + 1,
+            stop_at_eos=False,
+            hook=probe,
+            prefill_chunk=config.prefill_chunk,
+        )
         result.runs.append(
             Run(i < config.warmup, probe.calls[0], probe.calls[1:], gen.tokens, gen.prefill_seconds)
         )
