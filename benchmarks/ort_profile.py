@@ -13,11 +13,11 @@ from typing import Any
 Json = dict[str, Any]
 
 
-def parse_profile(paths: list[str], new_tokens: int) -> Json:
+def parse_profile(paths: list[str], new_tokens: int, prefill_calls: int = 1) -> Json:
     """Kernel time by op type for the warm run's decode steps (per step) and its prefill, from
     onnxruntime profile files of two generations (cold, warm): a session's last new_tokens - 1
-    `model_run`s are the warm decode steps, the one before them the warm prefill. Several files
-    (our embedder and decoder sessions) add up."""
+    `model_run`s are the warm decode steps, the `prefill_calls` before them the warm prefill (one per
+    prompt chunk). Several files (our embedder and decoder sessions) add up."""
     per_op: dict[str, dict[str, float]] = {"decode": defaultdict(float), "prefill": defaultdict(float)}
     calls: dict[str, dict[str, float]] = {"decode": defaultdict(float), "prefill": defaultdict(float)}
     run_ms: dict[str, list[float]] = {"decode": [], "prefill": []}
@@ -30,12 +30,17 @@ def parse_profile(paths: list[str], new_tokens: int) -> Json:
             for e in events
             if e.get("cat") == "Session" and e.get("name") == "model_run"
         )
-        if len(runs) < 2:
+        if len(runs) < 1 + prefill_calls:
             continue
-        n = new_tokens if len(runs) >= new_tokens else len(runs)
-        phase_of = {runs[-n]: "prefill"} | dict.fromkeys(runs[-n + 1 :], "decode")
+        n = min(new_tokens, len(runs) - prefill_calls + 1)  # decode steps + 1
+        decode = runs[len(runs) - (n - 1) :]
+        prefill = runs[len(runs) - (n - 1) - prefill_calls : len(runs) - (n - 1)]
+        phase_of = dict.fromkeys(prefill, "prefill") | dict.fromkeys(decode, "decode")
         steps = max(steps, n - 1)
-        ms = {ph: [(b - a) / 1e3 for (a, b), p in phase_of.items() if p == ph] for ph in run_ms}
+        ms = {
+            "decode": [(b - a) / 1e3 for a, b in decode],
+            "prefill": [sum((b - a) / 1e3 for a, b in prefill)],  # the whole prompt, every chunk
+        }
         for ph in run_ms:  # per-run totals over sessions (one embedder run per decoder run)
             run_ms[ph] = [x + y for x, y in zip(run_ms[ph], ms[ph], strict=True)] if run_ms[ph] else ms[ph]
         chosen = sorted(phase_of)

@@ -50,6 +50,7 @@ if str(ROOT) not in sys.path:
 from benchmarks.bench_report import print_report, summarize  # noqa: E402
 from benchmarks.graph_bytes import bundle_bytes, peer_bytes  # noqa: E402
 from benchmarks.ort_profile import parse_profile  # noqa: E402
+from runtime_harness.defaults import DEFAULT_PREFILL_CHUNK  # noqa: E402
 from runtime_harness.measure.child import run_measured  # noqa: E402
 from runtime_harness.measure.memory import drop_page_cache  # noqa: E402
 
@@ -335,7 +336,10 @@ def _run(
                     args.timeout,
                 )
                 files = rec.get("profiles") or [str(f) for f in sorted(pdir.glob("*.json"))]
-                profiles[engine] = parse_profile(files, args.new_tokens) | {"files": files}
+                # our engines run the prompt in chunks, one decoder call each; the peer in one call
+                step = args.prefill_chunk if args.prefill_chunk is not None else DEFAULT_PREFILL_CHUNK
+                chunks = 1 if engine == "peer" or step == 0 else -(-args.prompt_tokens // step)
+                profiles[engine] = parse_profile(files, args.new_tokens, chunks) | {"files": files}
             except (RuntimeError, OSError, ValueError, KeyError) as e:
                 notes.append(f"profile of {engine} failed: {e}")
     context = {
