@@ -55,12 +55,8 @@ def check_prompt(manifest: Manifest, prompt: Sequence[int], max_new_tokens: int)
     vocab = manifest.generation.vocab_size
     if any(not 0 <= t < vocab for t in prompt):
         raise UserError(f"prompt token ids must be in [0, {vocab})")
-    limit = manifest.model.context_length
-    if limit is not None and len(prompt) + max_new_tokens > limit:
-        raise UserError(
-            f"prompt ({len(prompt)} tokens) + --max-new-tokens ({max_new_tokens}) exceeds the bundle's "
-            f"context of {limit} tokens by {len(prompt) + max_new_tokens - limit}"
-        )
+    what = f"prompt ({len(prompt)} tokens) + --max-new-tokens"
+    manifest.model.check_context(len(prompt) + max_new_tokens, what)
 
 
 def generate(

@@ -185,6 +185,8 @@ def plan(quantized: Path, reference: Path, opts: QualityOptions) -> QualityPlan:
     if kind == "fp32":
         raise UserError(f"{quantized}: the bundle is not quantized: nothing to measure against fp32")
     _check_reference(rm, qm, reference)
+    longest = max(opts.window_tokens, opts.prompt_tokens + opts.greedy_steps)
+    qm.model.check_context(longest, "--window-tokens" if longest == opts.window_tokens else "the greedy runs")
     tok = bundle_tokenizer(reference, rm)
     if tok is None:
         raise UserError(f"{reference}: has no tokenizer.json; quality is measured on text")

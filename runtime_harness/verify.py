@@ -197,6 +197,8 @@ def run_verify(
     bundle: Path, opts: VerifyOptions, reference_for: ReferenceFor, progress: Progress | None = None
 ) -> VerifyReport:
     opts.validate()
+    if opts.prompt_len is not None:  # before the session: nothing is read for a prompt that cannot fit
+        Manifest.read(bundle).model.check_context(opts.prompt_len + opts.steps, "--prompt-len + --steps")
     session = BundleSession(bundle, threads=opts.threads, check=opts.check)
     thresholds = overridden(PARITY[recipe_class(session.manifest.recipe)], **opts.overrides)
     kind, prompts = _prompts(session, opts)

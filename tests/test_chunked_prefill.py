@@ -224,3 +224,23 @@ def test_profile_sweeps_context_from_the_cli(bundles: dict[str, Path], tmp_path:
     assert doc["prefill_chunk"] == 16 and doc["options"]["prompt_tokens"] == 256
     assert [p["prompt_tokens"] for p in doc["context"]] == [64, 256]
     assert all(p["ttft_ms"] > 0 and p["rss_peak_bytes"] > 0 for p in doc["context"])
+
+
+def test_a_prompt_past_the_context_is_one_line_naming_the_overshoot(bundles: dict[str, Path]) -> None:
+    """verify and profile from the CLI, generate's check from the library: the limit and by how much."""
+    from ple_export.bundle.manifest import Manifest
+    from ple_export.errors import UserError
+    from runtime_harness.generate import check_prompt
+    from tests.test_cli import assert_user_error, cli
+
+    manifest = Manifest.read(bundles["tiny"])
+    limit = manifest.model.context_length
+    assert limit is not None
+    proc = cli(
+        "verify", bundles["tiny"], "--reference", bundles["tiny"], "--prompt-len", limit, cwd=bundles["tiny"]
+    )
+    assert_user_error(proc, "--prompt-len + --steps", f"context of {limit} tokens by 8")
+    proc = cli("profile", bundles["tiny"], "--prompt-tokens", f"16,{limit}", cwd=bundles["tiny"])
+    assert_user_error(proc, "--prompt-tokens + --gen-tokens", f"context of {limit} tokens by 32")
+    with pytest.raises(UserError, match=f"context of {limit} tokens by 1$"):
+        check_prompt(manifest, [1] * limit, 1)

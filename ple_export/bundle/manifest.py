@@ -226,6 +226,14 @@ class ModelInfo:
                 return value
         return None
 
+    def check_context(self, positions: int, what: str) -> None:
+        """`positions` tokens fit the context; otherwise one line naming `what` and by how much."""
+        limit = self.context_length
+        if limit is not None and positions > limit:
+            raise UserError(
+                f"{what} ({positions}) exceeds the bundle's context of {limit} tokens by {positions - limit}"
+            )
+
 
 @dataclass(frozen=True)
 class Onnx:

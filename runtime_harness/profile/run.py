@@ -218,12 +218,7 @@ def _plan(bundle: Path, options: ProfileOptions) -> _Plan:
     manifest = Manifest.read(bundle)
     trusted_bundle(bundle, manifest, verify_hashes=options.verify)
     positions = options.prompt_tokens + options.gen_tokens
-    limit = manifest.model.context_length
-    if limit is not None and positions > limit:
-        raise UserError(
-            f"--prompt-tokens + --gen-tokens ({positions}) exceeds the bundle's context of {limit} tokens "
-            f"by {positions - limit}"
-        )
+    manifest.model.check_context(positions, "--prompt-tokens + --gen-tokens")
     budget, source = analysis.budget_of(device, options.budget_mb)
     floor = analysis.floor_bytes(manifest, positions)
     _check_prompt_fits(manifest, options, budget, source, floor)
