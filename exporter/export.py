@@ -28,6 +28,7 @@ from exporter.gemma4 import PLEEmbedder, rope_buffers
 from exporter.plan_writer import LayoutReport, lay_out
 from exporter.trace import trace_decoder, trace_embedder
 from graphs.pipeline import PassReport, decoder_passes, embedder_passes
+from ple_export.bundle.contract import KV_DTYPES
 from ple_export.bundle.format import (
     DECODER_DATA_FILE,
     DECODER_FILE,
@@ -50,6 +51,7 @@ class ExportOptions:
     ple_dtype: str = "checkpoint"  # checkpoint | bf16 | fp16 | fp32: a float PLE table's dtype
     recipe: QuantRecipe = field(default_factory=QuantRecipe)  # int4 decoder + int8 PLE table
     overwrite: bool = False
+    kv_dtype: str = "float32"  # the KV cache's element type: float32 | float16 (half the cache's DRAM)
 
     def validate(self) -> None:
         if not 4096 <= self.page_size <= 1 << 20 or self.page_size & (self.page_size - 1):
@@ -58,6 +60,8 @@ class ExportOptions:
             raise UserError(
                 f"--ple-dtype must be one of checkpoint, {', '.join(dtypes.TORCH)}; got {self.ple_dtype!r}"
             )
+        if self.kv_dtype not in KV_DTYPES:
+            raise UserError(f"--kv-dtype must be one of {', '.join(KV_DTYPES)}; got {self.kv_dtype!r}")
         self.recipe.validate()
 
     def record(self, ple_dtype: str) -> dict[str, Any]:
@@ -99,7 +103,7 @@ def export_bundle(
         report("tracing", 0, 2)
         embedder = trace_embedder(spec, dtypes.TORCH[embedder_dtype])
         report("tracing", 1, 2)
-        decoder = trace_decoder(spec)
+        decoder = trace_decoder(spec, opts.kv_dtype)
         report("tracing", 1, 2)
         passes = {
             "embedder": embedder_passes(embedder, recipe, width),
@@ -176,9 +180,9 @@ def _describe(
     return describe(
         tmp,
         model=ckpt.model_info(),
-        graphs=spec.contract(),
+        graphs=spec.contract(opts.kv_dtype),
         ple=ple,
-        kv_cache=spec.kv_cache(),
+        kv_cache=spec.kv_cache(opts.kv_dtype),
         generation=spec.generation(),
         quant=quant,
         layouts=layouts,

@@ -121,9 +121,11 @@ def attend(
     fresh-process benchmark (benchmarks/quant_bench.py) the gain hides in this VM's drift."""
     b, s, _ = q.shape
     kvh, hd = past_k.shape[1], past_k.shape[3]
-    keys = torch.cat([past_k, k_new.view(b, s, kvh, hd).transpose(1, 2)], dim=2)
-    values = torch.cat([past_v, v_new.view(b, s, kvh, hd).transpose(1, 2)], dim=2)
-    return grouped_attention(q, keys, values, n_heads, allowed), keys, values
+    # a half-precision cache (export --kv-dtype float16) stores K/V rounded; attention runs in fp32
+    keys = torch.cat([past_k, k_new.view(b, s, kvh, hd).transpose(1, 2).to(past_k.dtype)], dim=2)
+    values = torch.cat([past_v, v_new.view(b, s, kvh, hd).transpose(1, 2).to(past_v.dtype)], dim=2)
+    out = grouped_attention(q, keys.to(q.dtype), values.to(q.dtype), n_heads, allowed)
+    return out, keys, values
 
 
 def causal_window(s: int, t: int, window: int | None) -> torch.Tensor:
@@ -203,7 +205,8 @@ class Attention(nn.Module):
             out, present_k, present_v = attend(q, k_new, v_new, past_k, past_v, self.n_heads, allowed)
         else:  # the source's cache is complete: attend over it in place, no copy
             present_k, present_v = kv
-            out = grouped_attention(q, present_k, present_v, self.n_heads, allowed)
+            # (a half-precision cache's Cast to fp32 is the source layer's: onnxruntime merges the two)
+            out = grouped_attention(q, present_k.to(q.dtype), present_v.to(q.dtype), self.n_heads, allowed)
         return self.wo(out), present_k, present_v
 
 

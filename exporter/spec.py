@@ -137,13 +137,17 @@ class Gemma4Spec:
             for i in self.kv_layers
         )
 
-    def kv_cache(self) -> KVCache:
-        return KVCache(KV_DTYPE, self.kv_layout())
+    def kv_cache(self, dtype: str = KV_DTYPE) -> KVCache:
+        return KVCache(dtype, self.kv_layout())
 
-    def contract(self) -> Graphs:
+    def contract(self, kv_dtype: str = KV_DTYPE) -> Graphs:
         """The graphs' inputs and outputs (`ple_export.bundle.contract`)."""
         return graph_contract(
-            self.num_hidden_layers, self.hidden_size_per_layer_input, self.vocab_size, self.kv_layout()
+            self.num_hidden_layers,
+            self.hidden_size_per_layer_input,
+            self.vocab_size,
+            self.kv_layout(),
+            kv_dtype,
         )
 
     def generation(self) -> Generation:

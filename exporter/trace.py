@@ -22,9 +22,11 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from exporter.gemma4 import Gemma4Decoder, PLEEmbedder
 from exporter.spec import Gemma4Spec
-from ple_export.bundle.contract import BATCH, LOGITS, SEQUENCE, past_length
+from ple_export.bundle.contract import BATCH, KV_DTYPE, LOGITS, SEQUENCE, past_length
 from ple_export.bundle.format import IR_VERSION, OPSET
 from ple_export.bundle.manifest import GraphIO
+
+_KV_TORCH = {"float32": torch.float32, "float16": torch.float16}
 
 
 @contextlib.contextmanager
@@ -108,8 +110,9 @@ def _strip_metadata(model: ir.Model) -> None:
             value.metadata_props.clear()
 
 
-def trace_decoder(spec: Gemma4Spec) -> ir.Model:
-    """The decoder graph with dynamic batch, sequence and per-layer past lengths."""
+def trace_decoder(spec: Gemma4Spec, kv_dtype: str = KV_DTYPE) -> ir.Model:
+    """The decoder graph with dynamic batch, sequence and per-layer past lengths; its KV caches in
+    `kv_dtype` (the attention itself computes in fp32 either way)."""
     with _interruptible(), _quiet(), FakeTensorMode(allow_non_fake_inputs=True):
         module = Gemma4Decoder(spec).eval()
         b, s, p = 2, 5, 3
@@ -120,7 +123,10 @@ def trace_decoder(spec: Gemma4Spec) -> ir.Model:
         past_shapes = []
         for kv in spec.kv_layout():
             shape = (b, kv.kv_heads, p, kv.head_dim)
-            past += [torch.zeros(shape), torch.zeros(shape)]
+            past += [
+                torch.zeros(shape, dtype=_KV_TORCH[kv_dtype]),
+                torch.zeros(shape, dtype=_KV_TORCH[kv_dtype]),
+            ]
             # every KV layer gets its own past length: sliding layers stop at window - 1
             past_len = torch.export.Dim(past_length(kv.layer))
             past_shapes += [{0: batch, 2: past_len}, {0: batch, 2: past_len}]
@@ -142,7 +148,7 @@ def trace_decoder(spec: Gemma4Spec) -> ir.Model:
             verbose=False,
         )
     assert program is not None
-    return _finish(program.model, spec.contract().decoder, "decoder")
+    return _finish(program.model, spec.contract(kv_dtype).decoder, "decoder")
 
 
 def trace_embedder(spec: Gemma4Spec, table_dtype: torch.dtype) -> ir.Model:

@@ -146,18 +146,19 @@ def _windows(tok: Any, opts: QualityOptions) -> list[list[int]]:
 def label(manifest: Manifest) -> str:
     """What a bundle's numbers are, from its manifest.
 
-    E.g. `int4 decoder, int8 PLE` or `fp32 decoder, bfloat16 PLE`.
+    E.g. `int4 decoder, int8 PLE` or `fp32 decoder, bfloat16 PLE` (`, float16 KV` for a half cache).
     """
     weights = manifest.recipe.weights
-    return f"{'fp32' if weights == 'none' else weights} decoder, {manifest.ple.dtype} PLE"
+    kv = "" if manifest.kv_cache.dtype == "float32" else f", {manifest.kv_cache.dtype} KV"
+    return f"{'fp32' if weights == 'none' else weights} decoder, {manifest.ple.dtype} PLE{kv}"
 
 
 def _check_reference(ref: Manifest, quantized: Manifest, path: Path) -> None:
     """The reference must be a float bundle of the same model: nothing else compares."""
-    if ref.recipe.weights != "none" or ref.recipe.ple != "none":
+    if ref.recipe.weights != "none" or ref.recipe.ple != "none" or ref.kv_cache.dtype != "float32":
         raise UserError(
             f"{path}: a quantized bundle ({label(ref)}); --reference must be the float bundle of the same "
-            "model (export --quant none --ple-quant none)"
+            "model (export --quant none --ple-quant none, KV cache fp32)"
         )
     mine, theirs = quantized.model, ref.model
     differing = sorted(k for k in set(mine.spec) | set(theirs.spec) if mine.spec.get(k) != theirs.spec.get(k))
@@ -181,7 +182,7 @@ class QualityPlan:
 def plan(quantized: Path, reference: Path, opts: QualityOptions) -> QualityPlan:
     """Check the two bundles and the text from their manifests and tokenizer alone."""
     qm, rm = Manifest.read(quantized), Manifest.read(reference)
-    kind = recipe_class(qm.recipe)
+    kind = recipe_class(qm.recipe, qm.kv_cache.dtype)
     if kind == "fp32":
         raise UserError(f"{quantized}: the bundle is not quantized: nothing to measure against fp32")
     _check_reference(rm, qm, reference)

@@ -200,7 +200,9 @@ def run_verify(
     if opts.prompt_len is not None:  # before the session: nothing is read for a prompt that cannot fit
         Manifest.read(bundle).model.check_context(opts.prompt_len + opts.steps, "--prompt-len + --steps")
     session = BundleSession(bundle, threads=opts.threads, check=opts.check)
-    thresholds = overridden(PARITY[recipe_class(session.manifest.recipe)], **opts.overrides)
+    thresholds = overridden(
+        PARITY[recipe_class(session.manifest.recipe, session.manifest.kv_cache.dtype)], **opts.overrides
+    )
     kind, prompts = _prompts(session, opts)
     reference = reference_for(session.manifest)
     runs = []

@@ -17,7 +17,8 @@ from ple_export.bundle.format import DECODER_FILE, EMBEDDER_FILE, KV_KINDS, Role
 from ple_export.bundle.manifest import GraphIO, Graphs, KVLayer, TensorIO
 
 BATCH, SEQUENCE, LOGITS = "batch", "sequence", "logits"
-KV_DTYPE = "float32"
+KV_DTYPE = "float32"  # the default; `export --kv-dtype float16` halves the cache
+KV_DTYPES = ("float32", "float16")
 
 
 def past_name(kind: str, layer: int) -> str:
