@@ -27,7 +27,7 @@ from ple_export.bundle.format import PLE_TABLE_TENSOR
 from ple_export.bundle.manifest import Manifest
 from ple_export.errors import UserError
 
-Forward = Callable[[list[int]], np.ndarray]  # new token ids -> logits [S, V], keeping its own cache
+Forward = Callable[[list[int]], np.ndarray]  # new token ids -> the last one's logits [V], keeping its cache
 
 
 def load_reference(
@@ -105,10 +105,23 @@ class TransformersModel:
 ORACLES: dict[str, Callable[[Path], Any]] = {"ours": TorchModel, "transformers": TransformersModel}
 
 
-def sequence(model: Any) -> Forward:
-    """A fresh sequence of `model`: each call feeds new tokens and returns every new position's logits."""
+# The oracle takes a long prompt in chunks too, so `verify --prompt-len` stays within memory on the
+# reference side (transformers' DynamicCache and our modules both continue over a filled cache).
+ORACLE_CHUNK = 128
+
+
+def sequence(model: Any, chunk: int = ORACLE_CHUNK) -> Forward:
+    """A fresh sequence of `model`: each call feeds new tokens (in chunks of `chunk`, each asking for
+    its last position's logits only) and returns the last new token's logits [V]."""
     cache = model.new_cache(1)
-    return lambda ids: model.forward(np.array([ids], dtype=np.int64), cache)[0]
+
+    def forward(ids: list[int]) -> np.ndarray:
+        x = np.array([ids], dtype=np.int64)
+        for i in range(0, x.shape[1], chunk):
+            logits = model.forward(x[:, i : i + chunk], cache, last_only=True)
+        return logits[0, -1]
+
+    return forward
 
 
 def check_same_model(manifest: Manifest, checkpoint: Path) -> None:

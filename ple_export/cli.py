@@ -273,8 +273,8 @@ def _print_verify(report: Any) -> None:
     for row in rows:
         table.add_row(*row)
     out.print(
-        f"verify {literal(report.bundle)} ({report.precision}) against {report.oracle} "
-        f"reference, {report.prompts} prompts:",
+        f"verify {literal(report.bundle)} ({report.precision}; {report.thresholds_for} thresholds) against "
+        f"{report.oracle} reference, {report.prompts} prompts:",
         highlight=False,
     )
     out.print(table)

@@ -121,7 +121,8 @@ def progress_bars(enabled: bool) -> Iterator[Callable[[str, int, int], None]]:
             tasks[stage] = bars.add_task(stage, total=total, amount="")
         bars.advance(tasks[stage], n)
         done = bars.tasks[tasks[stage]].completed
-        amount = f"{done:.0f}/{total} {steps[stage]}" if stage in steps else f"{human(done)}/{human(total)}"
+        unit = steps.get(stage, "runs" if stage.startswith("warm@") else None)  # warm@N: a context sweep
+        amount = f"{done:.0f}/{total} {unit}" if unit else f"{human(done)}/{human(total)}"
         bars.update(tasks[stage], amount=amount)
 
     with bars:

@@ -55,7 +55,7 @@ def check_prompt(manifest: Manifest, prompt: Sequence[int], max_new_tokens: int)
     vocab = manifest.generation.vocab_size
     if any(not 0 <= t < vocab for t in prompt):
         raise UserError(f"prompt token ids must be in [0, {vocab})")
-    what = f"prompt ({len(prompt)} tokens) + --max-new-tokens"
+    what = f"prompt ({len(prompt)} tokens) + --max-new-tokens {max_new_tokens}"
     manifest.model.check_context(len(prompt) + max_new_tokens, what)
 
 

@@ -43,7 +43,7 @@ PROMPT_TEXTS = (
 )
 
 Progress = Callable[[str, int, int], None]
-Forward = Callable[[list[int]], np.ndarray]  # new token ids -> logits [S, V] (keeps its own cache)
+Forward = Callable[[list[int]], np.ndarray]  # new token ids -> the last one's logits [V] (keeps its cache)
 Reference = Callable[[], Forward]  # a fresh sequence of the reference model
 # builds the reference once the bundle is open (it checks the reference is the bundle's model)
 ReferenceFor = Callable[[Manifest], Reference]
@@ -118,6 +118,7 @@ class VerifyReport:
     oracle: str
     precision: str  # the bundle's coarsest precision
     prompts: str  # "text" or "ids"
+    thresholds_for: str  # the class whose thresholds apply (`recipe_class`: e.g. int4, kv-fp16)
     thresholds: Parity
     summary: Summary
     failures: list[str]
@@ -146,6 +147,7 @@ class VerifyReport:
             "oracle": self.oracle,
             "precision": self.precision,
             "prompts": self.prompts,
+            "thresholds_for": self.thresholds_for,
             "thresholds": dataclasses.asdict(self.thresholds),
             "summary": dataclasses.asdict(self.summary),
             "passed": self.passed,
@@ -180,7 +182,7 @@ class _Teacher:
 
     def __init__(self, reference: Forward, prompt: list[int], steps: int, k: int, near_tie: float):
         self.reference, self.steps, self.k, self.near_tie = reference, steps, k, near_tie
-        self.expected = reference(prompt)[-1]
+        self.expected = reference(prompt)
         self.metrics: list[StepMetrics] = []
         self.tokens: list[int] = []
 
@@ -189,7 +191,7 @@ class _Teacher:
         token = int(self.expected.argmax())
         self.tokens.append(token)
         if len(self.tokens) < self.steps:
-            self.expected = self.reference([token])[-1]
+            self.expected = self.reference([token])
         return np.array([token])
 
 
@@ -200,10 +202,9 @@ def run_verify(
     if opts.prompt_len is not None:  # before the session: nothing is read for a prompt that cannot fit
         Manifest.read(bundle).model.check_context(opts.prompt_len + opts.steps, "--prompt-len + --steps")
     session = BundleSession(bundle, threads=opts.threads, check=opts.check)
-    thresholds = overridden(
-        PARITY[recipe_class(session.manifest.recipe, session.manifest.kv_cache.dtype)], **opts.overrides
-    )
-    kind, prompts = _prompts(session, opts)
+    kind = recipe_class(session.manifest.recipe, session.manifest.kv_cache.dtype)
+    thresholds = overridden(PARITY[kind], **opts.overrides)
+    prompts_kind, prompts = _prompts(session, opts)
     reference = reference_for(session.manifest)
     runs = []
     for prompt in prompts:
@@ -220,7 +221,8 @@ def run_verify(
         reference=opts.reference,
         oracle=opts.oracle,
         precision=session.manifest.precision,
-        prompts=kind,
+        prompts=prompts_kind,
+        thresholds_for=kind,
         thresholds=thresholds,
         summary=summary,
         failures=judge(thresholds, summary),

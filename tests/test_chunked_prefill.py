@@ -19,7 +19,8 @@ from tests.conftest import VARIANTS
 
 WINDOW = VARIANTS["tiny"].sliding_window  # 8
 PROMPT = 5 * WINDOW + 3  # several windows, not a multiple of any chunk below
-# 1: token by token; 3 and 5 split every window; WINDOW and WINDOW + 1 straddle it; 0: one call
+# 1: token by token; 3 and 5 split every window; WINDOW and WINDOW + 1 straddle it (one call: chunk 0,
+# the baseline every test compares against)
 CHUNKS = (1, 3, 5, WINDOW, WINDOW + 1, 16)
 
 
@@ -66,6 +67,10 @@ def test_prefill_refuses_an_empty_or_unbatched_prompt(bad: np.ndarray) -> None:
     model = _Recorder()
     with pytest.raises(ValueError, match="at least one token"):
         loop.prefill(model, bad, model.new_cache(1))
+
+
+def test_prefill_refuses_a_negative_chunk() -> None:
+    model = _Recorder()
     with pytest.raises(ValueError, match="chunk"):
         loop.prefill(model, np.zeros((1, 3), dtype=np.int64), model.new_cache(1), chunk=-1)
 

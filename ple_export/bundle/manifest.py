@@ -145,7 +145,7 @@ class KVCache:
     update: str = KV_UPDATE_RULE
 
     def bytes_after(self, positions: int, batch: int = 1) -> int:
-        """The whole cache after `positions` tokens (float32 keys and values)."""
+        """The whole cache after `positions` tokens (keys and values of the cache's dtype)."""
         itemsize = 2 if self.dtype == "float16" else 4
         return sum(
             2 * batch * kv.kv_heads * kv.head_dim * kv.length_after(positions) * itemsize

@@ -258,6 +258,27 @@ def fmt_delta(ms: float | None) -> str:
     return "n/a" if ms is None else f"{ms:+.3f} ms"
 
 
+def _enforced_outcome(faults: int, reached: bool, added_step: float | None) -> tuple[str, str]:
+    """`slowed` only when the group reached its limit and the timed runs read pages again; faults in
+    a group that never reached it are first reads after the page-cache drop (e.g. `--warmup 0`)."""
+    if faults > 0 and reached:
+        return "slowed", (
+            f"slowed: {faults} major fault(s) in the timed runs (pages reclaimed under the limit were read "
+            f"again); decode step {fmt_delta(added_step)} vs the unconstrained run"
+        )
+    if faults > 0:
+        return "fit", (
+            f"fit: the group never reached its limit ({faults} major fault(s) in the timed runs were first "
+            "reads of the files after the page cache was dropped: no warm-up run read them before)"
+        )
+    if reached:
+        return "fit", (
+            "fit: the group reached its limit, but no page the timed runs needed was reclaimed "
+            "(no major faults in them)"
+        )
+    return "fit", "fit: the group never reached its limit"
+
+
 def enforce_report(
     status: int,
     result: WorkerResult | None,
@@ -292,26 +313,7 @@ def enforce_report(
     summary = summarize(result, n_prompt, n_gen)
     faults = summary.major_faults_timed
     added_step = _delta(warm_summary.decode_step_ms, summary.decode_step_ms)
-    if faults > 0 and reached:
-        outcome = "slowed"
-        detail = (
-            f"slowed: {faults} major fault(s) in the timed runs (pages reclaimed under the limit were read "
-            f"again); decode step {fmt_delta(added_step)} vs the unconstrained run"
-        )
-    elif faults > 0:
-        outcome = "fit"
-        detail = (
-            f"fit: the group never reached its limit ({faults} major fault(s) in the timed runs were first "
-            "reads of the files after the page cache was dropped: no warm-up run read them before)"
-        )
-    else:
-        outcome = "fit"
-        detail = (
-            "fit: the group reached its limit, but no page the timed runs needed was reclaimed "
-            "(no major faults in them)"
-            if reached
-            else "fit: the group never reached its limit"
-        )
+    outcome, detail = _enforced_outcome(faults, reached, added_step)
     return EnforceReport(
         outcome=outcome,
         detail=detail,

@@ -216,12 +216,12 @@ def _plan(bundle: Path, options: ProfileOptions) -> _Plan:
     options.validate()
     device = get_device(options.device)
     manifest = Manifest.read(bundle)
-    trusted_bundle(bundle, manifest, verify_hashes=options.verify)
-    positions = options.prompt_tokens + options.gen_tokens
+    positions = options.prompt_tokens + options.gen_tokens  # from the manifest alone: before hashing
     manifest.model.check_context(positions, "--prompt-tokens + --gen-tokens")
     budget, source = analysis.budget_of(device, options.budget_mb)
     floor = analysis.floor_bytes(manifest, positions)
     _check_prompt_fits(manifest, options, budget, source, floor)
+    trusted_bundle(bundle, manifest, verify_hashes=options.verify)
     if options.enforce and floor <= budget:
         _check_cgroup(budget)
     ple_file = bundle / manifest.ple.file
@@ -301,8 +301,9 @@ def _run_modes(
 
 def run_profile(bundle: Path, options: ProfileOptions, progress: Progress | None = None) -> ProfileReport:
     """Measure `bundle` in fresh processes and judge it against `options.device`. `progress(stage, n,
-    total)` is called as runs finish: stages `warm`, `cold`, `enforced`, counted in runs (the load
-    counts as one). Raises UserError for bad input before anything runs."""
+    total)` is called as runs finish: stages `warm`, `cold`, `enforced` and `warm@N` (a context
+    sweep's shorter prompts), counted in runs (the load counts as one). Raises UserError for bad
+    input before anything runs."""
     progress = progress or (lambda stage, n, total: None)
     plan = _plan(Path(bundle), options)
     if options.verify:  # hashing read every byte: residency must start from a cold cache again

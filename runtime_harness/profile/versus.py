@@ -70,7 +70,8 @@ def versus(
         raise UserError(f"--rounds must be from 1 to {MAX_ROUNDS}, got {rounds}")
     if Path(head).resolve() == Path(base).resolve():
         raise UserError(f"--baseline-bundle {base}: the same bundle as the one profiled")
-    plain = replace(options, cold=False, enforce=False)
+    # the rounds compare the longest prompt only: a context sweep's shorter prompts are not gated
+    plain = replace(options, cold=False, enforce=False, sweep=())
     heads: list[Headline] = []
     bases: list[Headline] = []
     report: ProfileReport | None = None
