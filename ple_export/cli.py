@@ -147,7 +147,13 @@ def synth(
 @app.command()
 @with_recipe_flags
 def export(
-    checkpoint: Annotated[Path, arg(CHECKPOINT, "HF checkpoint folder (config.json + safetensors).")],
+    checkpoint: Annotated[
+        Any,  # a Path, or a Hub id (str) resolved below
+        arg(
+            P.CheckpointSource(),
+            "HF checkpoint folder (config.json + safetensors), or a Hub id ORG/NAME[@REV].",
+        ),
+    ],
     output: Annotated[Path, opt(P.OutputDir(), "Bundle folder to create.", "--output", "-o")],
     page_size: Annotated[int, opt(PAGE, "Alignment of the PLE table and large tensors.")] = 16384,
     ple_dtype: Annotated[
@@ -167,6 +173,10 @@ def export(
         from ple_export.printers import BundleSummary, print_summary
 
         assert recipe_flags is not None
+        if not isinstance(checkpoint, Path):  # a Hub id: huggingface_hub's cache, or a download
+            from exporter.hub import resolve
+
+            checkpoint = resolve(checkpoint, quiet=quiet or as_json)
         opts = ExportOptions(
             page_size=page_size,
             ple_dtype=ple_dtype,

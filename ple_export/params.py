@@ -342,6 +342,26 @@ class ExistingDir(Param):
 
 
 @dataclass(frozen=True)
+class CheckpointSource(Param):
+    """A checkpoint folder, or a Hub id (`ORG/NAME[@REVISION]`) when no such folder exists: returned as
+    a Path for a folder, as the id (a str) otherwise; the command resolves it (`exporter.hub`)."""
+
+    metavar = "CHECKPOINT"
+
+    def parse(self, text: str) -> Path | str:
+        from exporter.hub import is_hub_id
+
+        if str(text) and Path(text).exists():
+            return ExistingDir("checkpoint").parse(text)
+        if is_hub_id(str(text)):
+            return str(text)
+        raise _bad(text, "no such checkpoint folder, and not a Hub id (ORG/NAME or ORG/NAME@REVISION)")
+
+    def edges(self) -> tuple[list[str], list[str]]:
+        return [], ["", "{missing}", "{a_file}", LONG, "a/b/c", "@x"]
+
+
+@dataclass(frozen=True)
 class ExistingFile(Param):
     what: str = "file"
     suffixes: tuple[str, ...] = ()
