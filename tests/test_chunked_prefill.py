@@ -154,8 +154,8 @@ def test_int4_chunking_costs_far_less_than_quantization(trained: dict[str, Path]
 
 def test_peak_memory_is_flat_in_prompt_length(bundles: dict[str, Path]) -> None:
     """`profile --prompt-tokens 1024,4096,16384` (fresh processes): peak RSS grows by no more than
-    the KV cache plus the full layers' attention working set at the longest context (a few
-    [heads, chunk, context] fp32 tensors) plus 16 MiB. One call over 16K tokens would hold
+    the KV cache plus the full layers' attention working set at the longest context (six
+    [heads, chunk, context] fp32 tensors) plus 32 MiB. One call over 16K tokens would hold
     [heads, 16K, 16K] scores per layer: 4 GiB for the tiny model."""
     from runtime_harness.profile import ProfileOptions, run_profile
 
@@ -171,7 +171,9 @@ def test_peak_memory_is_flat_in_prompt_length(bundles: dict[str, Path]) -> None:
     first = points[0]
     for p in points[1:]:
         scores = spec.num_attention_heads * chunk * (p.prompt_tokens + chunk) * 4
-        allowed = (p.kv_cache_bytes - first.kv_cache_bytes) + 4 * scores + (16 << 20)
+        # the live set around a softmax is a few such tensors (scores, masked, probabilities, ...);
+        # measured: +35 MiB at 4K, +149 MiB at 16K. One call: +125 MiB at 1K, +1.4 GiB at 4K
+        allowed = (p.kv_cache_bytes - first.kv_cache_bytes) + 6 * scores + (32 << 20)
         growth = p.rss_peak_bytes - first.rss_peak_bytes
         assert growth <= allowed, f"{p.prompt_tokens}: +{growth >> 20} MiB > {allowed >> 20} MiB allowed"
         assert p.decode_tok_s and p.prefill_tok_s
