@@ -60,8 +60,10 @@ class ExportOptions:
             raise UserError(
                 f"--ple-dtype must be one of checkpoint, {', '.join(dtypes.TORCH)}; got {self.ple_dtype!r}"
             )
-        if self.kv_dtype not in KV_DTYPES:
-            raise UserError(f"the KV dtype must be one of {', '.join(KV_DTYPES)}; got {self.kv_dtype!r}")
+        if self.kv_dtype not in KV_DTYPES.values():
+            raise UserError(
+                f"the KV dtype must be one of {', '.join(KV_DTYPES.values())}; got {self.kv_dtype!r}"
+            )
         self.recipe.validate()
 
     def record(self, ple_dtype: str) -> dict[str, Any]:

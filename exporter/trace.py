@@ -20,13 +20,12 @@ import onnx_ir as ir
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from exporter import dtypes
 from exporter.gemma4 import Gemma4Decoder, PLEEmbedder
 from exporter.spec import Gemma4Spec
 from ple_export.bundle.contract import BATCH, KV_DTYPE, LOGITS, SEQUENCE, past_length
 from ple_export.bundle.format import IR_VERSION, OPSET
 from ple_export.bundle.manifest import GraphIO
-
-_KV_TORCH = {"float32": torch.float32, "float16": torch.float16}
 
 
 @contextlib.contextmanager
@@ -124,8 +123,8 @@ def trace_decoder(spec: Gemma4Spec, kv_dtype: str = KV_DTYPE) -> ir.Model:
         for kv in spec.kv_layout():
             shape = (b, kv.kv_heads, p, kv.head_dim)
             past += [
-                torch.zeros(shape, dtype=_KV_TORCH[kv_dtype]),
-                torch.zeros(shape, dtype=_KV_TORCH[kv_dtype]),
+                torch.zeros(shape, dtype=dtypes.TORCH[dtypes.FROM_ONNX_NAME[kv_dtype]]),
+                torch.zeros(shape, dtype=dtypes.TORCH[dtypes.FROM_ONNX_NAME[kv_dtype]]),
             ]
             # every KV layer gets its own past length: sliding layers stop at window - 1
             past_len = torch.export.Dim(past_length(kv.layer))

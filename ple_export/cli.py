@@ -18,6 +18,7 @@ from rich.table import Table
 from typer._click.exceptions import NoArgsIsHelpError, UsageError  # noqa: E402
 
 from ple_export import params as P
+from ple_export.bundle.contract import KV_DTYPES
 from ple_export.console import (
     NoteHandler,
     emit,
@@ -101,7 +102,6 @@ THREADS = P.Int(0, 256)
 TOKENS = P.Int(1, 1 << 20)
 SHARD = P.Size(1 << 10, 1 << 40)
 PAGE = P.Size(4096, 1 << 20, power_of_two=True)
-KV_DTYPE_FLAGS = {"fp32": "float32", "fp16": "float16"}  # --kv-dtype -> the manifest's element type
 CHUNK = P.Int(0, 1 << 20)
 CHUNK_HELP = "Prompt tokens per prefill call (0: the whole prompt in one call)."
 PLOT = P.OutputFile((".png", ".svg", ".pdf"), ("matplotlib", "pip install 'ple-export[plot]'"))
@@ -160,7 +160,7 @@ def export(
         str, opt(P.Choice(("checkpoint", "bf16", "fp16", "fp32")), "A float PLE table's dtype.")
     ] = "checkpoint",
     kv_dtype: Annotated[
-        str, opt(P.Choice(tuple(KV_DTYPE_FLAGS)), "KV cache dtype (fp16: half the cache's DRAM).")
+        str, opt(P.Choice(tuple(KV_DTYPES)), "KV cache dtype (fp16: half the cache's DRAM).")
     ] = "fp32",
     recipe_flags: dict[str, Any] | None = None,  # the recipe's flags: `with_recipe_flags`
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output folder.")] = False,
@@ -182,7 +182,7 @@ def export(
             ple_dtype=ple_dtype,
             recipe=recipe_from_flags(recipe_flags),
             overwrite=overwrite,
-            kv_dtype=KV_DTYPE_FLAGS[kv_dtype],
+            kv_dtype=KV_DTYPES[kv_dtype],
         )
         with progress_bars(not quiet and not as_json) as progress:
             result = export_bundle(checkpoint, output, opts, progress)

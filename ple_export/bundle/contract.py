@@ -18,7 +18,7 @@ from ple_export.bundle.manifest import GraphIO, Graphs, KVLayer, TensorIO
 
 BATCH, SEQUENCE, LOGITS = "batch", "sequence", "logits"
 KV_DTYPE = "float32"  # the default; `export --kv-dtype float16` halves the cache
-KV_DTYPES = ("float32", "float16")
+KV_DTYPES = {"fp32": "float32", "fp16": "float16"}  # `export --kv-dtype` -> the element type
 
 
 def past_name(kind: str, layer: int) -> str:
