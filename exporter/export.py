@@ -25,6 +25,7 @@ from exporter import dtypes
 from exporter.checkpoint import Checkpoint, read_checkpoint
 from exporter.describe import describe, ple_layout, quantization
 from exporter.gemma4 import PLEEmbedder, rope_buffers
+from exporter.genai_files import with_genai_files
 from exporter.plan_writer import LayoutReport, lay_out
 from exporter.trace import trace_decoder, trace_embedder
 from graphs.pipeline import PassReport, decoder_passes, embedder_passes
@@ -32,6 +33,7 @@ from ple_export.bundle.contract import KV_DTYPES
 from ple_export.bundle.format import (
     DECODER_DATA_FILE,
     DECODER_FILE,
+    DEFAULT_PREFILL_CHUNK,
     EMBEDDER_FILE,
     METADATA_FILES,
     PLE_TABLE_FILE,
@@ -52,6 +54,8 @@ class ExportOptions:
     recipe: QuantRecipe = field(default_factory=QuantRecipe)  # int4 decoder + int8 PLE table
     overwrite: bool = False
     kv_dtype: str = "float32"  # the KV cache's element type: float32 | float16 (half the cache's DRAM)
+    genai: bool = True  # also write onnxruntime-genai's model.onnx + genai_config.json (graph only)
+    genai_chunk: int = DEFAULT_PREFILL_CHUNK  # the prefill chunk genai_config.json asks for
 
     def validate(self) -> None:
         if not 4096 <= self.page_size <= 1 << 20 or self.page_size & (self.page_size - 1):
@@ -64,6 +68,8 @@ class ExportOptions:
             raise UserError(
                 f"the KV dtype must be one of {', '.join(KV_DTYPES.values())}; got {self.kv_dtype!r}"
             )
+        if not 1 <= self.genai_chunk <= 1 << 16:
+            raise UserError(f"--genai-chunk must be from 1 to 65536 tokens, got {self.genai_chunk}")
         self.recipe.validate()
 
     def record(self, ple_dtype: str) -> dict[str, Any]:
@@ -120,6 +126,8 @@ def export_bundle(
             if (checkpoint / name).is_file():
                 shutil.copyfile(checkpoint / name, tmp / name)
         manifest = _describe(tmp, ckpt, ple_dtype, embedder_dtype, opts, passes, layouts)
+        if opts.genai:
+            manifest = with_genai_files(tmp, manifest, opts.genai_chunk)
         manifest.write(tmp)  # last: a folder without manifest.json is not a bundle
     return ExportResult(out_dir.absolute(), manifest, time.perf_counter() - t0)
 

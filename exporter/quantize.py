@@ -24,10 +24,17 @@ import onnx_ir as ir
 from exporter.checkpoint import CHUNK_BYTES
 from exporter.describe import ple_layout, quantization, versions
 from exporter.export import ExportResult, Progress
+from exporter.genai_files import with_genai_files
 from exporter.plan_writer import LayoutReport, lay_out
 from graphs.pipeline import PassReport, decoder_passes, embedder_passes
 from ple_export.bundle.files import file_entries, trusted_bundle
-from ple_export.bundle.format import DECODER_DATA_FILE, PLE_TABLE_FILE, FileRole
+from ple_export.bundle.format import (
+    DECODER_DATA_FILE,
+    DEFAULT_PREFILL_CHUNK,
+    PLE_TABLE_FILE,
+    FileRole,
+    Role,
+)
 from ple_export.bundle.manifest import Manifest, is_earlier_bundle
 from ple_export.bundle.members import member_path
 from ple_export.bundle.recipe import QuantRecipe
@@ -127,8 +134,19 @@ def quantize_bundle(
         for entry in manifest.files_with(role=FileRole.METADATA):
             shutil.copyfile(member_path(src, entry.path, str(src)), tmp / entry.path)
         new = _requantized(manifest, tmp, recipe, passes, layouts)
+        if _wants_genai(manifest):
+            new = with_genai_files(
+                tmp, new, int(manifest.export_options.get("genai_chunk", DEFAULT_PREFILL_CHUNK))
+            )
         new.write(tmp)
     return ExportResult(out_dir.absolute(), new, time.perf_counter() - t0)
+
+
+def _wants_genai(manifest: Manifest) -> bool:
+    """The source was exported with onnxruntime-genai's files (the default) and can have them (format
+    2 on: a decoder with logits_positions)."""
+    has_input = manifest.graphs.decoder.input(Role.LOGITS_POSITIONS) is not None
+    return has_input and manifest.export_options.get("genai", True) is not False
 
 
 def _lay_out(

@@ -39,7 +39,7 @@ from ple_export.errors import (
 )
 from ple_export.params import arg, opt
 from ple_export.recipe_flags import recipe_from_flags, with_recipe_flags
-from runtime_harness.defaults import DEFAULT_PREFILL_CHUNK
+from runtime_harness.defaults import DEFAULT_PREFILL_CHUNK, RUNTIMES
 
 app = typer.Typer(
     add_completion=False,
@@ -104,6 +104,8 @@ SHARD = P.Size(1 << 10, 1 << 40)
 PAGE = P.Size(4096, 1 << 20, power_of_two=True)
 CHUNK = P.Int(0, 1 << 20)
 CHUNK_HELP = "Prompt tokens per prefill call (0: the whole prompt in one call)."
+RUNTIME = P.Choice(RUNTIMES)
+RUNTIME_HELP = "ours: our onnxruntime loop; genai: onnxruntime-genai on the bundle's model.onnx."
 PLOT = P.OutputFile((".png", ".svg", ".pdf"), ("matplotlib", "pip install 'ple-export[plot]'"))
 
 
@@ -162,12 +164,19 @@ def export(
     kv_dtype: Annotated[
         str, opt(P.Choice(tuple(KV_DTYPES)), "KV cache dtype (fp16: half the cache's DRAM).")
     ] = "fp32",
+    genai: Annotated[
+        bool, typer.Option(help="Also write onnxruntime-genai's model.onnx + genai_config.json.")
+    ] = True,
+    genai_chunk: Annotated[
+        int, opt(P.Int(1, 1 << 16), "Prefill chunk genai_config.json asks for (<= half the window).")
+    ] = DEFAULT_PREFILL_CHUNK,
     recipe_flags: dict[str, Any] | None = None,  # the recipe's flags: `with_recipe_flags`
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output folder.")] = False,
     as_json: JsonFlag = False,
     quiet: QuietFlag = False,
 ) -> None:
-    """Export a checkpoint to a bundle: embedder + PLE table (flash), decoder + weights (DRAM)."""
+    """Export a checkpoint to a bundle: embedder + PLE table (flash), decoder + weights (DRAM), and
+    onnxruntime-genai's files (docs/deploy.md)."""
     with user_errors():
         from exporter.export import ExportOptions, export_bundle
         from ple_export.printers import BundleSummary, print_summary
@@ -183,6 +192,8 @@ def export(
             recipe=recipe_from_flags(recipe_flags),
             overwrite=overwrite,
             kv_dtype=KV_DTYPES[kv_dtype],
+            genai=genai,
+            genai_chunk=genai_chunk,
         )
         with progress_bars(not quiet and not as_json) as progress:
             result = export_bundle(checkpoint, output, opts, progress)
@@ -226,6 +237,7 @@ def verify(
     steps: Annotated[int, opt(P.Int(1, 4096), "Prefill + greedy decode steps compared per prompt.")] = 8,
     oracle: Annotated[str, opt(ORACLE, "ours: our PyTorch re-authoring.")] = "ours",
     prefill_chunk: Annotated[int, opt(CHUNK, CHUNK_HELP)] = DEFAULT_PREFILL_CHUNK,
+    runtime: Annotated[str, opt(RUNTIME, RUNTIME_HELP + " Also compared with our loop.")] = "ours",
     seed: Annotated[int, opt(SEED, "Seed of the token-id prompts (no tokenizer).")] = 0,
     max_rel_error: Annotated[
         float | None, opt(P.Float(0, 1e6), "Override: max |logit error| / max |logit|.")
@@ -251,6 +263,7 @@ def verify(
             oracle=oracle,
             check=not no_check,
             prefill_chunk=prefill_chunk,
+            runtime=runtime,
             overrides={
                 "max_rel_error": max_rel_error,
                 "min_cosine": min_cosine,
@@ -283,11 +296,20 @@ def _print_verify(report: Any) -> None:
     for row in rows:
         table.add_row(*row)
     out.print(
-        f"verify {literal(report.bundle)} ({report.precision}; {report.thresholds_for} thresholds) against "
+        f"verify {literal(report.bundle)} ({report.precision}; {report.thresholds_for} thresholds; "
+        f"{'onnxruntime-genai' if report.runtime == 'genai' else 'our loop'}) against "
         f"{report.oracle} reference, {report.prompts} prompts:",
         highlight=False,
     )
     out.print(table)
+    a = report.agreement
+    if a is not None:
+        out.print(
+            f"onnxruntime-genai against our loop over {a.steps} steps: "
+            f"{'same' if a.same_top1 else '[bold red]different[/]'} top-1 at every step, max logit "
+            f"difference {a.max_abs_logit_diff:.3g} ({a.max_rel_logit_diff:.3g} of the scale)",
+            highlight=False,
+        )
     out.print("[green]parity holds[/]" if report.passed else "[bold red]parity failed[/]")
 
 
@@ -303,18 +325,20 @@ def generate(
     seed: Annotated[int, opt(SEED, "Sampling seed.")] = 0,
     threads: Annotated[int, opt(THREADS, "Decoder threads (0: onnxruntime's default).")] = 0,
     prefill_chunk: Annotated[int, opt(CHUNK, CHUNK_HELP)] = DEFAULT_PREFILL_CHUNK,
+    runtime: Annotated[str, opt(RUNTIME, RUNTIME_HELP)] = "ours",
     no_check: Annotated[bool, typer.Option("--no-check", help="Skip the sha256 check of the files.")] = False,
     as_json: JsonFlag = False,
     quiet: QuietFlag = False,
 ) -> None:
-    """Generate from a prompt with onnxruntime only; text streams to stdout, tok/s to stderr."""
+    """Generate from a prompt with onnxruntime only (or onnxruntime-genai: --runtime genai); text
+    streams to stdout, tok/s to stderr."""
     with user_errors():
         from ple_export.bundle.manifest import Manifest
         from ple_export.printers import TokenStream
+        from runtime_harness.genai import GenaiModel, open_runtime
         from runtime_harness.generate import bundle_tokenizer, check_prompt
         from runtime_harness.generate import generate as run_generate
         from runtime_harness.sampling import Sampler
-        from runtime_harness.session import BundleSession
 
         if (prompt is None) == (prompt_ids is None):
             raise UserError("give exactly one of --prompt (text) or --prompt-ids (token ids)")
@@ -329,9 +353,10 @@ def generate(
         else:
             ids = list(prompt_ids)
         check_prompt(manifest, ids, max_new_tokens)  # before any weights are read
-        session = BundleSession(bundle, threads=threads, check=not no_check, allow_spinning=False)
+        session = open_runtime(bundle, runtime, threads, not no_check, prefill_chunk)
+        chunk = session.chunk_for(prefill_chunk) if isinstance(session, GenaiModel) else prefill_chunk
         stream = TokenStream(tok, prompt, shown=not as_json)
-        result = run_generate(session, ids, max_new_tokens, sampler, stream, prefill_chunk=prefill_chunk)
+        result = run_generate(session, ids, max_new_tokens, sampler, stream, prefill_chunk=chunk)
         stream.finish(result, ids, as_json, quiet)
 
 
@@ -462,7 +487,7 @@ def inspect(
     DRAM, the PLE table's pages per token, each tensor's precision and error, what each pass did.
     Exit 2 when a listed file is missing or of another size (or sha256, with --verify)."""
     with user_errors():
-        from ple_export.bundle.files import check_files, check_graph_references
+        from ple_export.bundle.files import check_files, check_graph_references, graph_files
         from ple_export.bundle.manifest import Manifest
         from ple_export.printers import BundleSummary, file_problems, print_summary
 
@@ -470,9 +495,9 @@ def inspect(
         checks = check_files(bundle, manifest, verify_hashes=verify)  # refuses files that escape it
         problems = file_problems(checks, verify)
         damaged = {c.path for c in checks if c.problem}
-        for graph in (manifest.graphs.embedder, manifest.graphs.decoder):
-            if graph.file not in damaged:  # a damaged file is reported as such, not parsed
-                check_graph_references(bundle, manifest, graph.file)
+        for file in graph_files(manifest).values():
+            if file not in damaged:  # a damaged file is reported as such, not parsed
+                check_graph_references(bundle, manifest, file)
         summary = BundleSummary(bundle, manifest, {"files_checked": problems}, tensors=True)
         emit(summary.to_json(), as_json, lambda: print_summary(summary, None))
         if problems["problems"]:

@@ -13,6 +13,7 @@ from ple_export.bundle.format import TOKENIZER_FILE
 from ple_export.bundle.manifest import Manifest
 from ple_export.errors import UserError
 from runtime_harness import loop
+from runtime_harness.genai import GenaiModel
 from runtime_harness.sampling import Sampler
 from runtime_harness.session import BundleSession
 
@@ -60,7 +61,7 @@ def check_prompt(manifest: Manifest, prompt: Sequence[int], max_new_tokens: int)
 
 
 def generate(
-    session: BundleSession,
+    session: BundleSession | GenaiModel,
     prompt: Sequence[int],
     max_new_tokens: int,
     sampler: Sampler = GREEDY,

@@ -29,12 +29,16 @@ from runtime_harness import loop
 from runtime_harness.compare.judge import judge, overridden
 from runtime_harness.compare.metrics import StepMetrics, step_metrics
 from runtime_harness.compare.thresholds import PARITY, Parity, recipe_class
+from runtime_harness.genai import RUNTIMES, GenaiModel
 from runtime_harness.generate import bundle_tokenizer
 from runtime_harness.session import BundleSession
 
 SCHEMA = "ple-export-verify/1"
 FLAT_ENTROPY = 0.8  # measured: random synthetic weights 0.92, the trained tiny model 0.55-0.58
 ORACLES = ("ours", "transformers")
+# onnxruntime-genai runs the same graph and kernels: measured 0.0 on every bundle kind when both take
+# the same chunks; 1e-5 of the logit scale is float noise (a reordered reduction), not a second model
+GENAI_MAX_REL = 1e-5
 
 PROMPT_TEXTS = (
     "The river bank was quiet in the early morning, and the water moved slowly past the reeds.",
@@ -61,6 +65,7 @@ class VerifyOptions:
     threads: int = 0
     check: bool = True
     prefill_chunk: int = loop.DEFAULT_PREFILL_CHUNK  # the bundle's prompt in chunks (0: one call)
+    runtime: str = "ours"  # ours | genai: onnxruntime-genai on the bundle's model.onnx
     overrides: dict[str, float | None] = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -68,6 +73,8 @@ class VerifyOptions:
             raise UserError("--prompts and --steps must be at least 1")
         if self.oracle not in ORACLES:
             raise UserError(f"--oracle must be ours or transformers, got {self.oracle!r}")
+        if self.runtime not in RUNTIMES:
+            raise UserError(f"--runtime must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
 
 
 @dataclass(frozen=True)
@@ -112,6 +119,22 @@ class PromptRun:
 
 
 @dataclass(frozen=True)
+class Agreement:
+    """onnxruntime-genai against our own loop on the same bundle, fed the same tokens."""
+
+    runtime: str
+    steps: int
+    same_top1: bool  # every step's argmax the same
+    max_abs_logit_diff: float
+    max_rel_logit_diff: float  # over the step's max |logit|
+    max_rel_allowed: float = GENAI_MAX_REL
+
+    @property
+    def holds(self) -> bool:
+        return self.same_top1 and self.max_rel_logit_diff <= self.max_rel_allowed
+
+
+@dataclass(frozen=True)
 class VerifyReport:
     bundle: Path
     reference: Path
@@ -123,6 +146,8 @@ class VerifyReport:
     summary: Summary
     failures: list[str]
     runs: list[PromptRun]
+    runtime: str = "ours"
+    agreement: Agreement | None = None  # --runtime genai: against our loop
 
     @property
     def passed(self) -> bool:
@@ -152,6 +177,8 @@ class VerifyReport:
             "summary": dataclasses.asdict(self.summary),
             "passed": self.passed,
             "failures": self.failures,
+            "runtime": self.runtime,
+            "agreement_with_our_loop": None if self.agreement is None else dataclasses.asdict(self.agreement),
             "runs": [dataclasses.asdict(run) for run in self.runs],
         }
 
@@ -202,20 +229,41 @@ def run_verify(
     if opts.prompt_len is not None:  # before the session: nothing is read for a prompt that cannot fit
         Manifest.read(bundle).model.check_context(opts.prompt_len + opts.steps, "--prompt-len + --steps")
     session = BundleSession(bundle, threads=opts.threads, check=opts.check)
+    genai = GenaiModel(bundle, opts.threads, opts.check) if opts.runtime == "genai" else None
+    chunk = opts.prefill_chunk if genai is None else genai.chunk_for(opts.prefill_chunk)
     kind = recipe_class(session.manifest.recipe, session.manifest.kv_cache.dtype)
     thresholds = overridden(PARITY[kind], **opts.overrides)
     prompts_kind, prompts = _prompts(session, opts)
     reference = reference_for(session.manifest)
-    runs = []
+    runs: list[PromptRun] = []
+    pairs: list[tuple[np.ndarray, np.ndarray]] = []
     for prompt in prompts:
         teacher = _Teacher(reference(), prompt, opts.steps, opts.top_k, thresholds.near_tie)
-        loop.generate(
-            session, prompt, opts.steps, teacher, stop_at_eos=False, prefill_chunk=opts.prefill_chunk
+        run = loop.generate(
+            genai or session,
+            prompt,
+            opts.steps,
+            teacher,
+            stop_at_eos=False,
+            prefill_chunk=chunk,
+            keep_logits=genai is not None,
         )
         runs.append(PromptRun(len(prompt), teacher.tokens, teacher.metrics))
+        if genai is not None:  # our loop fed the same tokens in the same chunks
+            ours = loop.generate(
+                session,
+                prompt,
+                opts.steps,
+                _Replay(teacher.tokens),
+                stop_at_eos=False,
+                prefill_chunk=chunk,
+                keep_logits=True,
+            )
+            pairs += zip(ours.step_logits, run.step_logits, strict=True)
         if progress is not None:
             progress("verify", 1, len(prompts))
     summary = Summary.of([s for run in runs for s in run.steps])
+    agreement = _agreement(opts.runtime, pairs) if genai is not None else None
     return VerifyReport(
         bundle=bundle,
         reference=opts.reference,
@@ -225,6 +273,35 @@ def run_verify(
         thresholds_for=kind,
         thresholds=thresholds,
         summary=summary,
-        failures=judge(thresholds, summary),
+        failures=judge(thresholds, summary) + _disagreement(agreement),
         runs=runs,
+        runtime=opts.runtime,
+        agreement=agreement,
     )
+
+
+def _disagreement(agreement: Agreement | None) -> list[str]:
+    if agreement is None or agreement.holds:
+        return []
+    return [
+        f"onnxruntime-genai differs from our loop: same top-1 {agreement.same_top1}, max relative "
+        f"logit difference {agreement.max_rel_logit_diff:.3g} > {agreement.max_rel_allowed:g}"
+    ]
+
+
+class _Replay:
+    """A pick that answers the given tokens in turn (our loop fed what another runtime was fed)."""
+
+    def __init__(self, tokens: list[int]):
+        self.tokens = iter(tokens)
+
+    def __call__(self, logits: np.ndarray) -> np.ndarray:
+        return np.array([next(self.tokens)])
+
+
+def _agreement(runtime: str, pairs: list[tuple[np.ndarray, np.ndarray]]) -> Agreement:
+    """Our loop's logits (first) against the other runtime's (second), step by step."""
+    abs_diff = [float(np.abs(a - b).max()) for a, b in pairs]
+    rel = [d / max(float(np.abs(a).max()), 1e-30) for d, (a, _) in zip(abs_diff, pairs, strict=True)]
+    same = all(np.array_equal(a.argmax(-1), b.argmax(-1)) for a, b in pairs)
+    return Agreement(runtime, len(pairs), same, max(abs_diff), max(rel))

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from ple_export.bundle.format import MANIFEST_FILE, file_role
+from ple_export.bundle.format import MANIFEST_FILE, FileRole, file_role
 from ple_export.bundle.manifest import FileEntry, Manifest
 from ple_export.bundle.members import check_member, member_path, sha256_file
 from ple_export.errors import UserError
@@ -119,13 +119,25 @@ def check_graph_references(bundle: Path, manifest: Manifest, graph_file: str) ->
     return facts
 
 
-def trusted_bundle(bundle: Path, manifest: Manifest, verify_hashes: bool = True) -> dict[str, GraphFacts]:
+def graph_files(manifest: Manifest, genai: bool = True) -> dict[str, str]:
+    """The bundle's ONNX files by graph: embedder, decoder and (listed, when `genai`) onnxruntime-genai's."""
+    files = {"embedder": manifest.graphs.embedder.file, "decoder": manifest.graphs.decoder.file}
+    listed = manifest.files_with(role=FileRole.GENAI_MODEL)
+    if genai and listed:
+        files["genai"] = listed[0].path
+    return files
+
+
+def trusted_bundle(
+    bundle: Path, manifest: Manifest, verify_hashes: bool = True, genai: bool = False
+) -> dict[str, GraphFacts]:
     """All checks at once, before any onnxruntime session is created: raises UserError on the first
-    problem. Returns what each graph file says (by graph: embedder, decoder)."""
+    problem. Returns what each graph file says (by graph: embedder, decoder and, with `genai`,
+    onnxruntime-genai's model when the bundle lists one)."""
     for check in check_files(bundle, manifest, verify_hashes):
         if check.problem:
             raise UserError(f"{bundle / check.path}: {check.problem}")
     return {
-        "embedder": check_graph_references(bundle, manifest, manifest.graphs.embedder.file),
-        "decoder": check_graph_references(bundle, manifest, manifest.graphs.decoder.file),
+        graph: check_graph_references(bundle, manifest, file)
+        for graph, file in graph_files(manifest, genai).items()
     }

@@ -10,8 +10,10 @@ from __future__ import annotations
 from enum import StrEnum
 
 FORMAT = "ple-export-bundle"
-FORMAT_VERSION = 2  # 2: the decoder's logits_positions input (1: logits at every new token)
-READABLE_VERSIONS = (1, 2)
+# 3: onnxruntime-genai's files (roles genai_model, genai_config); 2: the decoder's logits_positions
+# input (1: logits at every new token)
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 IR_VERSION = 10  # onnx 1.23 writes 14 by default; onnxruntime 1.31 loads at most 13
 OPSET = 18
 MS_DOMAIN = "com.microsoft"
@@ -24,6 +26,9 @@ PLE_TABLE_FILE = "ple_table.data"
 DECODER_FILE = "decoder.onnx"
 DECODER_DATA_FILE = "decoder.data"
 TOKENIZER_FILE = "tokenizer.json"
+# onnxruntime-genai's: the embedder + decoder as one graph (weights referenced in place), its config
+GENAI_MODEL_FILE = "model.onnx"
+GENAI_CONFIG_FILE = "genai_config.json"
 # copied from the checkpoint when present (role metadata, placement none)
 METADATA_FILES = (
     TOKENIZER_FILE,
@@ -33,6 +38,13 @@ METADATA_FILES = (
     "special_tokens_map.json",
     "chat_template.jinja",
 )
+
+# Prompt tokens per prefill call unless a device profile or the caller says otherwise (the runtime's
+# default, and the chunk written into genai_config.json). Measured on the 595M model (int4, 2 threads,
+# fresh processes): a 1024-token prompt's first token in 1.91-1.96 s at 128-token chunks, 2.02-2.04 s
+# at 256, 2.02-2.21 s at 512, 2.47-2.61 s in one call; peak RSS 373-380 / 409-448 / 533-549 / 662 MiB.
+# At 4096 tokens: 9.6 s and 477 MiB at 128, 29.4 s and 3,709 MiB in one call (docs/profiling.md).
+DEFAULT_PREFILL_CHUNK = 128
 
 # External data: a tensor at least a page long starts at a page boundary, so onnxruntime maps it in
 # place; a shorter one at a SIMD-friendly boundary.
@@ -59,6 +71,8 @@ class FileRole(StrEnum):
     DECODER_GRAPH = "decoder_graph"
     DECODER_WEIGHTS = "decoder_weights"
     METADATA = "metadata"
+    GENAI_MODEL = "genai_model"
+    GENAI_CONFIG = "genai_config"
 
 
 FILE_ROLES: dict[str, tuple[Placement, FileRole]] = {
@@ -66,6 +80,9 @@ FILE_ROLES: dict[str, tuple[Placement, FileRole]] = {
     PLE_TABLE_FILE: (Placement.FLASH, FileRole.PLE_TABLE),
     DECODER_FILE: (Placement.DRAM, FileRole.DECODER_GRAPH),
     DECODER_DATA_FILE: (Placement.DRAM, FileRole.DECODER_WEIGHTS),
+    # read by onnxruntime-genai only (our runtime loads the two graphs): no placement of their own
+    GENAI_MODEL_FILE: (Placement.NONE, FileRole.GENAI_MODEL),
+    GENAI_CONFIG_FILE: (Placement.NONE, FileRole.GENAI_CONFIG),
 }
 
 

@@ -1,0 +1,48 @@
+"""The export stage that writes onnxruntime-genai's files into a finished bundle folder:
+
+    embedder.onnx + decoder.onnx (graphs only) -> graphs/genai_model.splice -> model.onnx
+    the manifest                                -> ple_export/bundle/genai.genai_config -> genai_config.json
+
+Both are small: model.onnx references the weights in decoder.data and ple_table.data where they are.
+`export` and `quantize` call it after the manifest is described and before it is written, so the
+manifest lists the two files (roles genai_model / genai_config) like every other.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import onnx_ir as ir
+
+from graphs.genai_model import splice
+from ple_export.bundle.files import file_entries
+from ple_export.bundle.format import GENAI_CONFIG_FILE, GENAI_MODEL_FILE, Role
+from ple_export.bundle.genai import genai_chunk, genai_config
+from ple_export.bundle.manifest import Manifest
+
+
+def with_genai_files(folder: Path, manifest: Manifest, chunk: int) -> Manifest:
+    """Write model.onnx and genai_config.json (prefill chunks of `chunk` tokens, at most half a
+    sliding window) into `folder`; the manifest with them listed."""
+    graphs = manifest.graphs
+    config = genai_config(manifest, genai_chunk(manifest, chunk))  # refuses what it cannot describe
+    decoder = graphs.decoder
+
+    def name(role: Role) -> str:
+        io = decoder.input(role) or decoder.output(role)
+        assert io is not None, role
+        return io.name
+
+    model = splice(
+        ir.load(folder / graphs.embedder.file),
+        ir.load(folder / decoder.file),
+        ids=name(Role.INPUT_IDS),
+        per_layer_inputs=name(Role.PER_LAYER_INPUTS),
+        logits_positions=name(Role.LOGITS_POSITIONS),
+        logits=name(Role.LOGITS),
+    )
+    ir.save(model, folder / GENAI_MODEL_FILE)
+    (folder / GENAI_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    known = {f.path: f.sha256 for f in manifest.files}
+    return manifest.replace(files=file_entries(folder, known))

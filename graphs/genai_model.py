@@ -1,0 +1,99 @@
+"""One graph for onnxruntime-genai: the embedder spliced in front of the decoder, graph only.
+
+onnxruntime-genai runs one decoder model per step (`input_ids`, `position_ids`, past KV -> logits,
+present KV). A bundle has two graphs, so this builds a third, small file from them:
+
+    input_ids -> [embedder's nodes, names prefixed] -> per_layer_inputs --+
+    input_ids, position_ids, past KV ------------------------------------+-> decoder's nodes -> ...
+    logits_positions = Shape(input_ids)[1:2] - 1   (the last position only: logits [batch, 1, vocab])
+
+- every initializer keeps its external-data reference (`decoder.data`, `ple_table.data`): no weight
+  is copied, and the PLE table is still memory-mapped from its own file;
+- the embedder's node and internal value names are prefixed (both graphs were traced alone and both
+  use `val_N`, `node_Shape_5`); its input is the decoder's `input_ids`;
+- `logits_positions` stops being an input: computed from the ids' length, it asks for the last
+  position, and the logits output is declared `[batch, 1, vocab]`, which onnxruntime-genai reads as
+  a pruned model (it never runs the LM head over a whole prompt chunk);
+- everything else (the capped sliding presents, RotaryEmbedding, MatMulNBits, GatherBlockQuantized)
+  is the decoder as exported.
+
+The result must be saved in the bundle's folder: onnxruntime refuses external data outside the
+model's folder.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+PREFIX = "embedder/"
+
+
+def _value(graph: ir.Graph, name: str, side: str) -> ir.Value:
+    values = graph.inputs if side == "input" else graph.outputs
+    found = [v for v in values if v.name == name]
+    if len(found) != 1:
+        raise ValueError(f"graph {graph.name!r} has no {side} {name!r}")
+    return found[0]
+
+
+def _constant(name: str, values: list[int]) -> ir.Node:
+    tensor = ir.tensor(np.array(values, dtype=np.int64), name=name)
+    return ir.node("Constant", [], attributes={"value": tensor}, outputs=[ir.Value(name=name)])
+
+
+def _last_position(ids: ir.Value) -> tuple[list[ir.Node], ir.Value]:
+    """`Shape(ids)[1:2] - 1`: the index of the last new token, as the 1-D logits_positions."""
+    length = ir.node(
+        "Shape", [ids], attributes={"start": 1, "end": 2}, outputs=[ir.Value(name="genai/sequence")]
+    )
+    one = _constant("genai/one", [1])
+    last = ir.node(
+        "Sub", [length.outputs[0], one.outputs[0]], outputs=[ir.Value(name="genai/logits_positions")]
+    )
+    last.outputs[0].dtype = ir.DataType.INT64
+    last.outputs[0].shape = ir.Shape([1])
+    return [length, one, last], last.outputs[0]
+
+
+def splice(
+    embedder: ir.Model,
+    decoder: ir.Model,
+    ids: str,
+    per_layer_inputs: str,
+    logits_positions: str,
+    logits: str,
+) -> ir.Model:
+    """The decoder with the embedder's nodes in front and the last position's logits (names are the
+    contract's). Takes both models apart: use fresh loads."""
+    emb, dec = embedder.graph, decoder.graph
+    emb_ids, emb_out = _value(emb, ids, "input"), _value(emb, per_layer_inputs, "output")
+    dec_ids, dec_pli = _value(dec, ids, "input"), _value(dec, per_layer_inputs, "input")
+    dec_lp, dec_logits = _value(dec, logits_positions, "input"), _value(dec, logits, "output")
+    emb_ids.replace_all_uses_with(dec_ids)
+    emb.outputs.clear()
+    nodes = list(emb)
+    for node in nodes:
+        emb.remove(node)
+        node.name = PREFIX + (node.name or node.op_type)
+        for out in node.outputs:
+            out.name = PREFIX + (out.name or "")
+    initializers = list(emb.initializers.values())
+    emb.initializers.clear()
+    for init in initializers:
+        init.name = PREFIX + (init.name or "")
+        dec.register_initializer(init)
+    lp_nodes, last = _last_position(dec_ids)
+    head = nodes + lp_nodes
+    for node in reversed(head):
+        dec.insert_before(dec[0], node) if len(dec) else dec.append(node)
+    dec_pli.replace_all_uses_with(emb_out)
+    dec_lp.replace_all_uses_with(last)
+    dec.inputs.remove(dec_pli)
+    dec.inputs.remove(dec_lp)
+    assert dec_logits.shape is not None and len(dec_logits.shape) == 3
+    dec_logits.shape = ir.Shape([dec_logits.shape[0], 1, dec_logits.shape[2]])
+    for domain, version in embedder.opset_imports.items():
+        if decoder.opset_imports.setdefault(domain, version) != version:
+            raise ValueError(f"the graphs import {domain or 'ai.onnx'} at different versions")
+    return decoder
