@@ -4,6 +4,7 @@ runtime_harness/. Errors a user can fix print one line and exit 2 (ple_export/co
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -326,12 +327,19 @@ def generate(
     threads: Annotated[int, opt(THREADS, "Decoder threads (0: onnxruntime's default).")] = 0,
     prefill_chunk: Annotated[int, opt(CHUNK, CHUNK_HELP)] = DEFAULT_PREFILL_CHUNK,
     runtime: Annotated[str, opt(RUNTIME, RUNTIME_HELP)] = "ours",
+    expect: Annotated[
+        Path | None,
+        opt(
+            P.ExistingFile("generate --json output", (".json",)),
+            "A greedy run to agree with (exit 3 if not).",
+        ),
+    ] = None,
     no_check: Annotated[bool, typer.Option("--no-check", help="Skip the sha256 check of the files.")] = False,
     as_json: JsonFlag = False,
     quiet: QuietFlag = False,
 ) -> None:
     """Generate from a prompt with onnxruntime only (or onnxruntime-genai: --runtime genai); text
-    streams to stdout, tok/s to stderr."""
+    streams to stdout, tok/s to stderr. --expect: the same greedy run elsewhere must agree."""
     with user_errors():
         from ple_export.bundle.manifest import Manifest
         from ple_export.printers import TokenStream
@@ -353,11 +361,45 @@ def generate(
         else:
             ids = list(prompt_ids)
         check_prompt(manifest, ids, max_new_tokens)  # before any weights are read
+        expected = _expected_run(expect, ids, temperature) if expect is not None else None
         session = open_runtime(bundle, runtime, threads, not no_check, prefill_chunk)
         chunk = session.chunk_for(prefill_chunk) if isinstance(session, GenaiModel) else prefill_chunk
         stream = TokenStream(tok, prompt, shown=not as_json)
         result = run_generate(session, ids, max_new_tokens, sampler, stream, prefill_chunk=chunk)
-        stream.finish(result, ids, as_json, quiet)
+        if expected is None:
+            stream.finish(result, ids, as_json, quiet)
+            return
+        comparison = _compare_expected(manifest, result.tokens, expected)
+        silent = quiet or not comparison.agreed  # a failure's stderr is its one line
+        stream.finish(result, ids, as_json, silent, {"expected": dataclasses.asdict(comparison)})
+        line = comparison.line(str(expect))
+        if not comparison.agreed:
+            fail(f"{bundle}: {line}", EXIT_PARITY_FAILED)
+        if not quiet:
+            err.print(line, highlight=False)
+
+
+def _expected_run(path: Path, ids: list[int], temperature: float) -> tuple[list[int], list[float]]:
+    """The expected run's tokens and margins, for this prompt, greedy."""
+    from ple_export.jsonfile import read_json_object
+    from runtime_harness.compare.runs import expected_run
+
+    if temperature != 0:
+        raise UserError("--expect compares greedy runs: leave --temperature at 0")
+    prompt_ids, tokens, margins = expected_run(read_json_object(path), str(path))
+    if prompt_ids != ids:
+        raise UserError(
+            f"{path}: was generated from another prompt ({len(prompt_ids)} ids, this one {len(ids)})"
+        )
+    return tokens, margins
+
+
+def _compare_expected(manifest: Any, tokens: list[int], expected: tuple[list[int], list[float]]) -> Any:
+    from runtime_harness.compare.runs import compare_runs
+    from runtime_harness.compare.thresholds import PARITY, recipe_class
+
+    near_tie = PARITY[recipe_class(manifest.recipe, manifest.kv_cache.dtype)].near_tie
+    return compare_runs(tokens, expected[0], expected[1], near_tie)
 
 
 @app.command()

@@ -211,16 +211,19 @@ class TokenStream:
                 self.prefix, self.read = self.read, len(self.new)
         sys.stdout.flush()
 
-    def finish(self, result: Any, prompt_ids: list[int], as_json: bool, quiet: bool = False) -> None:
+    def finish(
+        self, result: Any, prompt_ids: list[int], as_json: bool, quiet: bool = False, extra: Any = None
+    ) -> None:
         if as_json:
             payload = {
                 "prompt_ids": prompt_ids,
                 "tokens": result.tokens,
+                "margins": [round(m, 5) for m in result.margins],
                 "text": self.tok.decode(result.tokens) if self.tok is not None else None,
                 "stopped_by": result.stopped_by,
                 "prefill_seconds": round(result.prefill_seconds, 5),
                 "decode_tokens_per_second": round(result.decode_tokens_per_second, 2),
-            }
+            } | (extra or {})
             sys.stdout.write(json.dumps(payload, indent=2) + "\n")
             return
         sys.stdout.write("\n")

@@ -70,9 +70,18 @@ def generate(
     prefill_chunk: int = loop.DEFAULT_PREFILL_CHUNK,
 ) -> loop.Generation:
     """`prompt` checked against the bundle, then the one loop with `sampler`'s picks (the prompt in
-    chunks of `prefill_chunk` tokens; 0: one call)."""
-    pick = sampler.picker()
+    chunks of `prefill_chunk` tokens; 0: one call). Records each pick's top-2 logit margin."""
+    sample = sampler.picker()
+    margins: list[float] = []
+
+    def pick(logits: np.ndarray) -> np.ndarray:  # and how decided row 0's greedy choice was
+        top2 = np.partition(logits[0], -2)[-2:]
+        margins.append(float(top2[1] - top2[0]))
+        return sample(logits)
+
     check_prompt(session.manifest, prompt, max_new_tokens)
-    return loop.generate(
+    out = loop.generate(
         session, list(prompt), max_new_tokens, pick, on_token, stop_at_eos, prefill_chunk=prefill_chunk
     )
+    out.margins = margins[: len(out.tokens)]
+    return out

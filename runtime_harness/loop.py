@@ -69,6 +69,7 @@ class Generation:
     first_token_seconds: float = 0.0
     step_seconds: list[float] = field(default_factory=list)
     step_logits: list[np.ndarray] = field(default_factory=list)  # [B, V] per token, when kept
+    margins: list[float] = field(default_factory=list)  # row 0's top-1 - top-2 logit per pick, when asked
 
     @property
     def tokens(self) -> list[int]:

@@ -238,3 +238,39 @@ def test_the_genai_model_is_checked_like_every_file(trained: dict[str, Path], tm
     path.write_bytes(text)
     with pytest.raises(UserError, match="elsewhere.xy"):
         GenaiModel(bundle, check=False)
+
+
+def test_compare_runs_allows_a_flip_only_at_a_near_tie() -> None:
+    from runtime_harness.compare.runs import compare_runs
+
+    same = compare_runs([5, 6, 7], [5, 6, 7], [2.0, 2.0, 2.0], 0.5)
+    assert same.agreed and same.first_difference is None and same.steps == 3
+    decided = compare_runs([5, 9, 7], [5, 6, 7], [2.0, 0.8, 2.0], 0.5)
+    assert not decided.agreed and decided.first_difference == 1 and decided.expected_margin == 0.8
+    tie = compare_runs([5, 9, 1], [5, 6, 7], [2.0, 0.003, 2.0], 0.5)
+    assert tie.agreed and tie.first_difference == 1 and "near-tie" in tie.line("x86.json")
+
+
+def test_generate_expect_from_the_cli(trained: dict[str, Path], tmp_path: Path) -> None:
+    """`generate --expect` on its own greedy output passes under both runtimes; a token changed at a
+    decided step fails with exit 3 in one line; another prompt, sampling, or a file without margins
+    are refused (exit 2)."""
+    bundle = trained["int4"]
+    base = ("generate", bundle, "--prompt", "The while statement", "--max-new-tokens", "24")
+    recorded = cli(*base, "--json", cwd=tmp_path)
+    assert recorded.returncode == 0, recorded.stderr
+    (tmp_path / "x86.json").write_text(recorded.stdout)
+    doc = json.loads(recorded.stdout)
+    assert len(doc["margins"]) == len(doc["tokens"]) == 24
+    for runtime in ("ours", "genai"):
+        proc = cli(*base, "--expect", "x86.json", "--runtime", runtime, cwd=tmp_path)
+        assert proc.returncode == 0 and "the same 24 tokens as x86.json" in proc.stderr, proc.stderr
+    step = next(i for i, m in enumerate(doc["margins"]) if m >= 0.5)
+    changed = doc | {"tokens": [t + (i == step) for i, t in enumerate(doc["tokens"])]}
+    (tmp_path / "changed.json").write_text(json.dumps(changed))
+    proc = cli(*base, "--expect", "changed.json", cwd=tmp_path)
+    assert_user_error(proc, f"at step {step} (a decided step", code=3)
+    assert_user_error(cli(*base[:3], "The while", "--expect", "x86.json", cwd=tmp_path), "another prompt")
+    assert_user_error(cli(*base, "--expect", "x86.json", "--temperature", "0.7", cwd=tmp_path), "greedy")
+    (tmp_path / "nomargins.json").write_text(json.dumps({k: v for k, v in doc.items() if k != "margins"}))
+    assert_user_error(cli(*base, "--expect", "nomargins.json", cwd=tmp_path), "margins")

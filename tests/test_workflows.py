@@ -119,11 +119,32 @@ def test_the_arm_job_installs_the_runtime_without_torch() -> None:
     assert ["pip", "install", "--no-deps", "."] in installs
     wanted = [p for w in installs for p in w[2:] if not p.startswith("-") and p != "."]
     assert not [p for p in wanted if p.startswith(("torch", "transformers"))]
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     pins = {
         d.split("=")[0].split(">")[0]: d
-        for d in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+        for d in [*project["dependencies"], *project["optional-dependencies"]["genai"]]
     }
     for spec in wanted:
         name = spec.split("=")[0].split(">")[0]
         if name in pins and "==" in pins[name]:
             assert spec == pins[name], (spec, pins[name])
+
+
+def test_the_arm_job_checks_x86_tokens_under_both_runtimes() -> None:
+    """The x86 job records the embedded default's greedy run; the ARM job generates the same prompt
+    with `--expect` on it, with our loop and with onnxruntime-genai (installed at the extra's pin)."""
+    doc = yaml.safe_load((ROOT / ".github" / "workflows" / "arm-profile.yml").read_text())
+    export, profile = doc["jobs"]["export"], doc["jobs"]["profile"]
+    recorded = [w for w in _job_commands(export) if w[:2] == ["ple-export", "generate"]]
+    assert len(recorded) == 1 and "--json" in recorded[0] and "--expect" not in recorded[0]
+    expected_file = recorded[0][recorded[0].index(">") + 1]
+    checks = [w for w in _job_commands(profile) if w[:2] == ["ple-export", "generate"]]
+    runtimes = sorted(_option(w, "--runtime") or "ours" for w in checks)
+    assert runtimes == ["genai", "ours"]
+    for check in checks:
+        assert _option(check, "--expect") == expected_file
+        # the same bundle, prompt and length as the recorded run
+        assert check[2] == recorded[0][2] and _option(check, "--prompt") == _option(recorded[0], "--prompt")
+        assert _option(check, "--max-new-tokens") == _option(recorded[0], "--max-new-tokens")
+    installs = [p for w in _job_commands(profile) if w[:2] == ["pip", "install"] for p in w[2:]]
+    assert any(p.startswith("onnxruntime-genai") for p in installs)
