@@ -106,6 +106,7 @@ PAGE = P.Size(4096, 1 << 20, power_of_two=True)
 CHUNK = P.Int(0, 1 << 20)
 CHUNK_HELP = "Prompt tokens per prefill call (0: the whole prompt in one call)."
 RUNTIME = P.Choice(RUNTIMES)
+EXPECT = P.ExistingFile("generate --json output", (".json",))
 RUNTIME_HELP = "ours: our onnxruntime loop; genai: onnxruntime-genai on the bundle's model.onnx."
 PLOT = P.OutputFile((".png", ".svg", ".pdf"), ("matplotlib", "pip install 'ple-export[plot]'"))
 
@@ -327,13 +328,7 @@ def generate(
     threads: Annotated[int, opt(THREADS, "Decoder threads (0: onnxruntime's default).")] = 0,
     prefill_chunk: Annotated[int, opt(CHUNK, CHUNK_HELP)] = DEFAULT_PREFILL_CHUNK,
     runtime: Annotated[str, opt(RUNTIME, RUNTIME_HELP)] = "ours",
-    expect: Annotated[
-        Path | None,
-        opt(
-            P.ExistingFile("generate --json output", (".json",)),
-            "A greedy run to agree with (exit 3 if not).",
-        ),
-    ] = None,
+    expect: Annotated[Path | None, opt(EXPECT, "A greedy run to agree with (exit 3 if not).")] = None,
     no_check: Annotated[bool, typer.Option("--no-check", help="Skip the sha256 check of the files.")] = False,
     as_json: JsonFlag = False,
     quiet: QuietFlag = False,
@@ -343,7 +338,8 @@ def generate(
     with user_errors():
         from ple_export.bundle.manifest import Manifest
         from ple_export.printers import TokenStream
-        from runtime_harness.genai import GenaiModel, open_runtime
+        from runtime_harness.compare.runs import compare_expected, expected_for
+        from runtime_harness.genai import open_runtime
         from runtime_harness.generate import bundle_tokenizer, check_prompt
         from runtime_harness.generate import generate as run_generate
         from runtime_harness.sampling import Sampler
@@ -361,15 +357,14 @@ def generate(
         else:
             ids = list(prompt_ids)
         check_prompt(manifest, ids, max_new_tokens)  # before any weights are read
-        expected = _expected_run(expect, ids, temperature) if expect is not None else None
-        session = open_runtime(bundle, runtime, threads, not no_check, prefill_chunk)
-        chunk = session.chunk_for(prefill_chunk) if isinstance(session, GenaiModel) else prefill_chunk
+        expected = expected_for(expect, ids, temperature) if expect is not None else None
+        session, chunk = open_runtime(bundle, runtime, threads, not no_check, prefill_chunk)
         stream = TokenStream(tok, prompt, shown=not as_json)
         result = run_generate(session, ids, max_new_tokens, sampler, stream, prefill_chunk=chunk)
         if expected is None:
             stream.finish(result, ids, as_json, quiet)
             return
-        comparison = _compare_expected(manifest, result.tokens, expected)
+        comparison = compare_expected(manifest, result.tokens, expected)
         silent = quiet or not comparison.agreed  # a failure's stderr is its one line
         stream.finish(result, ids, as_json, silent, {"expected": dataclasses.asdict(comparison)})
         line = comparison.line(str(expect))
@@ -377,29 +372,6 @@ def generate(
             fail(f"{bundle}: {line}", EXIT_PARITY_FAILED)
         if not quiet:
             err.print(line, highlight=False)
-
-
-def _expected_run(path: Path, ids: list[int], temperature: float) -> tuple[list[int], list[float]]:
-    """The expected run's tokens and margins, for this prompt, greedy."""
-    from ple_export.jsonfile import read_json_object
-    from runtime_harness.compare.runs import expected_run
-
-    if temperature != 0:
-        raise UserError("--expect compares greedy runs: leave --temperature at 0")
-    prompt_ids, tokens, margins = expected_run(read_json_object(path), str(path))
-    if prompt_ids != ids:
-        raise UserError(
-            f"{path}: was generated from another prompt ({len(prompt_ids)} ids, this one {len(ids)})"
-        )
-    return tokens, margins
-
-
-def _compare_expected(manifest: Any, tokens: list[int], expected: tuple[list[int], list[float]]) -> Any:
-    from runtime_harness.compare.runs import compare_runs
-    from runtime_harness.compare.thresholds import PARITY, recipe_class
-
-    near_tie = PARITY[recipe_class(manifest.recipe, manifest.kv_cache.dtype)].near_tie
-    return compare_runs(tokens, expected[0], expected[1], near_tie)
 
 
 @app.command()

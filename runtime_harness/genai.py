@@ -136,13 +136,13 @@ class GenaiModel:
 
 def open_runtime(
     bundle: Path, runtime: str, threads: int, check: bool, prefill_chunk: int = DEFAULT_PREFILL_CHUNK
-) -> BundleSession | GenaiModel:
-    """The bundle under `runtime` (ours | genai). Under genai the prefill chunk is the config's
-    (`export --genai-chunk`): another `prefill_chunk` than the default is refused, not ignored."""
+) -> tuple[BundleSession | GenaiModel, int]:
+    """The bundle under `runtime` (ours | genai), and the prefill chunk its runs take. Under genai the
+    chunk is the config's (`export --genai-chunk`): another `prefill_chunk` than the default is
+    refused, not ignored."""
     if runtime not in RUNTIMES:
         raise UserError(f"--runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
     if runtime == "ours":
-        return BundleSession(bundle, threads=threads, check=check, allow_spinning=False)
+        return BundleSession(bundle, threads=threads, check=check, allow_spinning=False), prefill_chunk
     model = GenaiModel(bundle, threads, check)
-    model.chunk_for(prefill_chunk)
-    return model
+    return model, model.chunk_for(prefill_chunk)

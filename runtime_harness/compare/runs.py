@@ -17,9 +17,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from ple_export.bundle.manifest import Manifest
 from ple_export.errors import UserError
+from ple_export.jsonfile import read_json_object
+from runtime_harness.compare.thresholds import PARITY, recipe_class
 
 
 @dataclass(frozen=True)
@@ -65,3 +69,23 @@ def compare_runs(
             margin = margins[i] if i < len(margins) else 0.0
             return RunComparison(i + 1, margin < near_tie, i, margin, near_tie)
     return RunComparison(steps, True, None, None, near_tie)  # over the shorter run's steps
+
+
+def expected_for(path: Path, ids: list[int], temperature: float) -> tuple[list[int], list[float]]:
+    """`--expect FILE`: its tokens and margins, for this prompt, greedy."""
+    if temperature != 0:
+        raise UserError("--expect compares greedy runs: leave --temperature at 0")
+    prompt_ids, tokens, margins = expected_run(read_json_object(path), str(path))
+    if prompt_ids != ids:
+        raise UserError(
+            f"{path}: was generated from another prompt ({len(prompt_ids)} ids, this one {len(ids)})"
+        )
+    return tokens, margins
+
+
+def compare_expected(
+    manifest: Manifest, tokens: Sequence[int], expected: tuple[list[int], list[float]]
+) -> RunComparison:
+    """`tokens` against the expected run, near-ties as the bundle's recipe class defines them."""
+    near_tie = PARITY[recipe_class(manifest.recipe, manifest.kv_cache.dtype)].near_tie
+    return compare_runs(tokens, expected[0], expected[1], near_tie)
