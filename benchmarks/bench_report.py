@@ -105,7 +105,7 @@ def summarize(
     def pre(r: Json) -> float:
         return prompt_len / float(r["warm"]["prefill_s"])
 
-    others = ("peer", "transformers", "torch", "fp32")
+    others = ("peer", "transformers", "torch", "fp32", "int4-genai")
     for ours, other in [(o, x) for o in context["ours_int4"] for x in others]:
         for label, fn in (("decode", dec), ("prefill", pre)):
             if (v := paired(ours, other, fn)) is not None:
@@ -115,9 +115,9 @@ def summarize(
         def rss(r: Json, key: str = key) -> float:
             return float(r["measure"][key]) or float("nan")
 
-        for ours in context["ours_int4"]:
-            if (v := paired(ours, "peer", rss)) is not None:
-                rep["ratios"][f"{ours}/peer {key}"] = v
+        for ours, other in [(o, x) for o in context["ours_int4"] for x in ("peer", "int4-genai")]:
+            if (v := paired(ours, other, rss)) is not None:
+                rep["ratios"][f"{ours}/{other} {key}"] = v
     if "transformers" in records:
         ref = rep["engines"]["transformers"]["tokens"]
         for engine in engines:

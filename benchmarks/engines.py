@@ -52,6 +52,10 @@ def load(kind: str, model: str, threads: int, profile_dir: str | None = None) ->
         from runtime_harness.session import BundleSession
 
         return BundleSession(Path(model), threads=threads, check=False, profile_dir=profile_dir)
+    if kind == "genai":  # the same bundle, run by onnxruntime-genai (its model.onnx)
+        from runtime_harness.genai import GenaiModel
+
+        return GenaiModel(Path(model), threads=threads, check=False)
     import torch
 
     torch.set_num_threads(threads)

@@ -18,6 +18,7 @@ by the measuring core's child runner (`runtime_harness/measure/child.py`):
     fp32          our bundle, no quantization
     torch         our PyTorch modules, eager fp32 (`exporter.reference.TorchModel`)
     transformers  `Gemma4ForCausalLM`, fp32, eager attention, DynamicCache
+    int4-genai    the int4 bundle run by onnxruntime-genai (its model.onnx + genai_config.json)
     peer          onnxruntime-genai on the peer's model folder (`peer_engine.py`, under --peer-python)
 
 Protocol (the peer's): prompt = `numpy.random.RandomState(1234).randint(3, vocab, 128)`, 64 greedy new
@@ -69,8 +70,9 @@ BUNDLE_RECIPES: dict[str, dict[str, object] | None] = {
 }
 BUNDLE_ENGINES = tuple(BUNDLE_RECIPES)
 OURS_INT4 = tuple(e for e in BUNDLE_ENGINES if e.startswith("int4"))
-ONNX_ENGINES = (*BUNDLE_ENGINES, "peer")
-ENGINES = (*BUNDLE_ENGINES, "torch", "transformers", "peer")
+GENAI_ENGINES = {"int4-genai": "int4"}  # our bundle (of that engine's recipe) under onnxruntime-genai
+ONNX_ENGINES = (*BUNDLE_ENGINES, *GENAI_ENGINES, "peer")
+ENGINES = (*BUNDLE_ENGINES, *GENAI_ENGINES, "torch", "transformers", "peer")
 Json = dict[str, Any]
 
 
@@ -172,6 +174,8 @@ def rotate(items: list[str], r: int) -> list[str]:
 def _kind(engine: str) -> str:
     if engine in BUNDLE_ENGINES:
         return "bundle"
+    if engine in GENAI_ENGINES:
+        return "genai"
     return engine  # torch | transformers | peer | bandwidth
 
 
@@ -188,7 +192,7 @@ def _parse() -> argparse.Namespace:
     )
     p.add_argument(
         "--engines",
-        default="int4,int4-b32,int4-b128,fp32,transformers,peer",
+        default="int4,int4-genai,int4-b32,int4-b128,fp32,transformers,peer",
         help=f"comma list out of {','.join(ENGINES)} (peer needs --peer-genai)",
     )
     p.add_argument("--repeats", type=int, default=3, help="fresh processes per engine, round-robin")
@@ -250,8 +254,10 @@ def main() -> int:
     logs.mkdir(exist_ok=True)
     models: dict[str, str] = {}
     sizes: dict[str, Json] = {}
-    for name in [e for e in args.engines if e in BUNDLE_ENGINES]:
-        bundle = prepare_bundle(args.checkpoint, name, args.workdir, args.rebuild, say)
+    for name in [e for e in args.engines if e in BUNDLE_ENGINES or e in GENAI_ENGINES]:
+        bundle = prepare_bundle(
+            args.checkpoint, GENAI_ENGINES.get(name, name), args.workdir, args.rebuild, say
+        )
         models[name], sizes[name] = str(bundle), bundle_bytes(bundle)
     for name in ("torch", "transformers"):
         models[name] = str(args.checkpoint)
@@ -320,7 +326,7 @@ def _run(
         say(f"repeat {r + 1}/{args.repeats} done (1-min load average {loads[-1]:.1f})")
     profiles: Json = {}
     if args.profile:
-        for engine in [e for e in args.engines if e in ONNX_ENGINES]:
+        for engine in [e for e in args.engines if e in ONNX_ENGINES and e not in GENAI_ENGINES]:
             pdir = args.workdir / "profiles" / engine  # kept for inspection; replaced per run
             pdir.mkdir(parents=True, exist_ok=True)
             for old in pdir.glob("*.json"):

@@ -29,6 +29,7 @@ from ple_export.bundle.format import GENAI_CONFIG_FILE, FileRole
 from ple_export.bundle.manifest import Manifest
 from ple_export.errors import UserError
 from ple_export.jsonfile import read_json_object
+from runtime_harness import session
 from runtime_harness.defaults import DEFAULT_PREFILL_CHUNK, RUNTIMES
 from runtime_harness.session import BundleSession
 
@@ -143,6 +144,8 @@ def open_runtime(
     if runtime not in RUNTIMES:
         raise UserError(f"--runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
     if runtime == "ours":
-        return BundleSession(bundle, threads=threads, check=check, allow_spinning=False), prefill_chunk
+        return session.BundleSession(
+            bundle, threads=threads, check=check, allow_spinning=False
+        ), prefill_chunk
     model = GenaiModel(bundle, threads, check)
     return model, model.chunk_for(prefill_chunk)

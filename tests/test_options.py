@@ -77,6 +77,8 @@ class Places:
         (root / "a_file").write_text("not a folder\n")
         (root / "a_dir").mkdir()
         (root / "report.json").write_text("{}\n")
+        # a greedy `generate --json` run of the base command's prompt, for `generate --expect`
+        (root / "expected.json").write_text('{"prompt_ids": [2, 17], "tokens": [5], "margins": [1.0]}\n')
 
     def fill(self, text: str) -> str:
         fresh = self.root / f"fresh-{next(self.count)}"
@@ -114,6 +116,8 @@ def _valid(param: params.Param, trained: dict[str, Path], places: Places) -> lis
     if isinstance(param, params.ExistingDir):
         return [str(trained["checkpoint"] if param.what == "checkpoint" else trained["int4"])]
     if isinstance(param, params.ExistingFile):
+        if param.what == "generate --json output":
+            return [str(places.root / "expected.json")]
         return [str(places.root / "report.json" if param.suffixes else trained["checkpoint"] / "heldout.txt")]
     return []
 
