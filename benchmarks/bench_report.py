@@ -106,7 +106,8 @@ def summarize(
         return prompt_len / float(r["warm"]["prefill_s"])
 
     others = ("peer", "transformers", "torch", "fp32", "int4-genai")
-    for ours, other in [(o, x) for o in context["ours_int4"] for x in others]:
+    pairs = [(o, x) for o in context["ours_int4"] for x in others] + [("int4-genai", "peer")]
+    for ours, other in pairs:
         for label, fn in (("decode", dec), ("prefill", pre)):
             if (v := paired(ours, other, fn)) is not None:
                 rep["ratios"][f"{ours}/{other} {label} tok/s"] = v
@@ -115,7 +116,8 @@ def summarize(
         def rss(r: Json, key: str = key) -> float:
             return float(r["measure"][key]) or float("nan")
 
-        for ours, other in [(o, x) for o in context["ours_int4"] for x in ("peer", "int4-genai")]:
+        rss_pairs = [(o, x) for o in context["ours_int4"] for x in ("peer", "int4-genai")]
+        for ours, other in [*rss_pairs, ("int4-genai", "peer")]:
             if (v := paired(ours, other, rss)) is not None:
                 rep["ratios"][f"{ours}/{other} {key}"] = v
     if "transformers" in records:

@@ -143,7 +143,7 @@ def main(task_path: str) -> int:
     engine = load(task["kind"], task["model"], task["threads"], task.get("profile_dir"))
     record["load_s"] = time.perf_counter() - t0
     record["status_after_load"] = status()
-    record["streamed_bytes"] = None if task["kind"] == "bundle" else streamed_bytes(engine)
+    record["streamed_bytes"] = None if task["kind"] in ("bundle", "genai") else streamed_bytes(engine)
     chunk = task.get("prefill_chunk", loop.DEFAULT_PREFILL_CHUNK)
     record["cold"] = run(engine, task["prompt"], task["new_tokens"], chunk)
     record["warm"] = run(engine, task["prompt"], task["new_tokens"], chunk)

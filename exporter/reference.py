@@ -57,7 +57,7 @@ class TorchModel:
         self.dtype = dtype
         self.eos_ids = frozenset(self.spec.eos_token_id)
 
-    def new_cache(self, batch: int) -> _TorchCache:
+    def new_cache(self, batch: int, positions: int | None = None) -> _TorchCache:
         return _TorchCache(empty_past(self.spec, batch, self.dtype))
 
     @torch.no_grad()
@@ -91,7 +91,7 @@ class TransformersModel:
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = frozenset({eos} if isinstance(eos, int) else set(eos or []))
 
-    def new_cache(self, batch: int) -> Any:
+    def new_cache(self, batch: int, positions: int | None = None) -> Any:
         return self._cache(config=self.model.config)
 
     @torch.no_grad()

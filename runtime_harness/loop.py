@@ -39,7 +39,7 @@ Pick = Callable[[np.ndarray], np.ndarray]  # logits [B, V] -> token ids [B]
 class LanguageModel(Protocol):
     eos_ids: frozenset[int]
 
-    def new_cache(self, batch: int) -> Any: ...
+    def new_cache(self, batch: int, positions: int | None = None) -> Any: ...  # positions: at most
 
     def forward(self, input_ids: np.ndarray, cache: Any, last_only: bool = False) -> np.ndarray: ...
 
@@ -144,7 +144,7 @@ def generate(
     ids = ids[None] if ids.ndim == 1 else ids
     hook = hook or _NoHook()
     out = Generation(prompt=ids, rows=[[] for _ in range(ids.shape[0])])
-    cache = model.new_cache(ids.shape[0])
+    cache = model.new_cache(ids.shape[0], positions=ids.shape[1] + max_new_tokens)
     hook.before(0)
     t0 = time.perf_counter()
     logits = prefill(model, ids, cache, prefill_chunk)

@@ -164,7 +164,8 @@ class BundleSession:
         self.eos_ids = frozenset(self.manifest.generation.eos_token_ids)
         self._embedder_ids = name(graphs.embedder.input(Role.INPUT_IDS))
 
-    def new_cache(self, batch: int) -> KVCache:
+    def new_cache(self, batch: int, positions: int | None = None) -> KVCache:
+        """Empty pasts (they grow with each call: `positions` needs no room reserved)."""
         tensors = {}
         for t in self._kv_inputs:
             _, heads, _, head_dim = t.shape

@@ -37,7 +37,7 @@ class _Recorder:
     def __init__(self) -> None:
         self.calls: list[tuple[tuple[int, ...], bool]] = []
 
-    def new_cache(self, batch: int) -> list[int]:
+    def new_cache(self, batch: int, positions: int | None = None) -> list[int]:
         return [0]
 
     def forward(self, ids: np.ndarray, cache: Any, last_only: bool = False) -> np.ndarray:
