@@ -240,7 +240,7 @@ def test_the_genai_model_is_checked_like_every_file(trained: dict[str, Path], tm
     shutil.copyfile(trained["int4"] / GENAI_MODEL_FILE, path)
     text = path.read_bytes().replace(b"decoder.data", b"elsewhere.xy")
     path.write_bytes(text)
-    with pytest.raises(UserError, match="elsewhere.xy"):
+    with pytest.raises(UserError, match="'elsewhere.xy', which the manifest does not list"):
         GenaiModel(bundle, check=False)
 
 
@@ -278,3 +278,47 @@ def test_generate_expect_from_the_cli(trained: dict[str, Path], tmp_path: Path) 
     assert_user_error(cli(*base, "--expect", "x86.json", "--temperature", "0.7", cwd=tmp_path), "greedy")
     (tmp_path / "nomargins.json").write_text(json.dumps({k: v for k, v in doc.items() if k != "margins"}))
     assert_user_error(cli(*base, "--expect", "nomargins.json", cwd=tmp_path), "margins")
+
+
+class _Appends:
+    """onnxruntime-genai's generator, recording the length of every append."""
+
+    def __init__(self, generator: object):
+        self.generator, self.lengths = generator, []
+
+    def append_tokens(self, ids: np.ndarray) -> None:
+        self.lengths.append(ids.shape[1])
+        self.generator.append_tokens(ids)  # type: ignore[attr-defined]
+
+    def get_logits(self) -> object:
+        return self.generator.get_logits()  # type: ignore[attr-defined]
+
+
+def test_every_prompt_goes_in_the_configs_chunks(trained: dict[str, Path]) -> None:
+    """onnxruntime-genai chunks only a generator's first prompt; GenaiModel chunks every call (a
+    second prompt over a filled cache too), so working memory stays bounded; logits as our loop's."""
+    genai = GenaiModel(trained["int4"])
+    chunk = genai.prefill_chunk
+    assert chunk == 16
+    cache = genai.new_cache(1, positions=200)
+    cache.generator = _Appends(cache.generator)
+    first, second = _prompt(genai.manifest, 40), _prompt(genai.manifest, 50, seed=1)
+    genai.forward(np.array([first]), cache, last_only=True)
+    logits = genai.forward(np.array([second]), cache, last_only=True)
+    assert cache.generator.lengths == [16, 16, 8, 16, 16, 16, 2]
+    ours = BundleSession(trained["int4"])
+    mine = ours.new_cache(1)
+    loop.prefill(ours, np.array([first]), mine, chunk)
+    np.testing.assert_array_equal(logits[:, -1], loop.prefill(ours, np.array([second]), mine, chunk))
+
+
+def test_a_generator_holds_the_positions_asked_for(trained: dict[str, Path]) -> None:
+    """new_cache(positions=N) sets onnxruntime-genai's max_length (its default, the whole context,
+    sized a 484 MiB buffer on the 595M model): past N tokens the generator refuses."""
+    genai = GenaiModel(trained["int4"])
+    cache = genai.new_cache(1, positions=12)
+    genai.forward(np.array([_prompt(genai.manifest, 10)]), cache, last_only=True)
+    with pytest.raises(RuntimeError):
+        genai.forward(np.array([_prompt(genai.manifest, 4, seed=1)]), cache, last_only=True)
+    roomy = genai.new_cache(1)
+    genai.forward(np.array([_prompt(genai.manifest, 14)]), roomy, last_only=True)
