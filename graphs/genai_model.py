@@ -84,9 +84,8 @@ def splice(
         init.name = PREFIX + (init.name or "")
         dec.register_initializer(init)
     lp_nodes, last = _last_position(dec_ids)
-    head = nodes + lp_nodes
-    for node in reversed(head):
-        dec.insert_before(dec[0], node) if len(dec) else dec.append(node)
+    for node in reversed(nodes + lp_nodes):  # one by one: onnx-ir names unnamed nodes in this order
+        dec.insert_before(dec[0], node)
     dec_pli.replace_all_uses_with(emb_out)
     dec_lp.replace_all_uses_with(last)
     dec.inputs.remove(dec_pli)

@@ -29,11 +29,10 @@ from ple_export.bundle.format import GENAI_CONFIG_FILE, FileRole
 from ple_export.bundle.manifest import Manifest
 from ple_export.errors import UserError
 from ple_export.jsonfile import read_json_object
-from runtime_harness import session
+from runtime_harness import session  # through its module: tests replace session.BundleSession
 from runtime_harness.defaults import DEFAULT_PREFILL_CHUNK, RUNTIMES
-from runtime_harness.session import BundleSession
 
-__all__ = ["RUNTIMES", "GenaiModel", "check_genai_files", "has_genai_files", "import_genai", "open_runtime"]
+__all__ = ["RUNTIMES", "GenaiModel", "check_genai_files", "import_genai", "open_runtime"]
 
 INSTALL = "pip install 'ple-export[genai]' (onnxruntime-genai, pinned with onnxruntime)"
 
@@ -46,15 +45,9 @@ def import_genai() -> Any:
     return og
 
 
-def has_genai_files(manifest: Manifest) -> bool:
-    return bool(
-        manifest.files_with(role=FileRole.GENAI_MODEL) and manifest.files_with(role=FileRole.GENAI_CONFIG)
-    )
-
-
 def check_genai_files(bundle: Path, manifest: Manifest) -> None:
     """One line saying how to make the files when a bundle has none."""
-    if not has_genai_files(manifest):
+    if not all(manifest.files_with(role=role) for role in (FileRole.GENAI_MODEL, FileRole.GENAI_CONFIG)):
         raise UserError(
             f"{bundle}: has no onnxruntime-genai files (model.onnx, {GENAI_CONFIG_FILE}); re-export it with "
             "`ple-export export` (they are written unless --no-genai) or `ple-export quantize` an fp32 bundle"
@@ -63,11 +56,10 @@ def check_genai_files(bundle: Path, manifest: Manifest) -> None:
 
 @dataclass
 class GenaiCache:
-    """onnxruntime-genai's generator (it holds the KV cache) and the positions it has consumed."""
+    """onnxruntime-genai's generator (it holds the KV cache) and its batch."""
 
     generator: Any
     batch: int
-    position: int = 0
 
 
 class GenaiModel:
@@ -95,11 +87,6 @@ class GenaiModel:
         search = read_json_object(self.bundle / GENAI_CONFIG_FILE).get("search", {})
         chunk = search.get("chunk_size", 0) if isinstance(search, dict) else 0
         self.prefill_chunk = chunk if isinstance(chunk, int) and chunk > 0 else 0  # 0: none
-        self.options: dict[str, object] = {
-            "runtime": "onnxruntime-genai",
-            "threads": threads,
-            "prefill_chunk": self.prefill_chunk,
-        }
 
     def chunk_for(self, prefill_chunk: int) -> int:
         """The prefill chunk a run asking for `prefill_chunk` gets: the config's. Asking for another
@@ -136,13 +123,12 @@ class GenaiModel:
         for i in range(0, s, step):  # onnxruntime-genai chunks a first prompt only; we chunk every one
             cache.generator.append_tokens(ids[:, i : i + step])
             logits = cache.generator.get_logits()  # read before the next append (its rule)
-        cache.position += s
         return np.asarray(logits, dtype=np.float32).reshape(b, 1, -1)
 
 
 def open_runtime(
     bundle: Path, runtime: str, threads: int, check: bool, prefill_chunk: int = DEFAULT_PREFILL_CHUNK
-) -> tuple[BundleSession | GenaiModel, int]:
+) -> tuple[session.BundleSession | GenaiModel, int]:
     """The bundle under `runtime` (ours | genai), and the prefill chunk its runs take. Under genai the
     chunk is the config's (`export --genai-chunk`): another `prefill_chunk` than the default is
     refused, not ignored."""

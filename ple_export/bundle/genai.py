@@ -42,13 +42,18 @@ class GenaiShape:
     chunk: int  # prefill chunk the config asks for (0: none)
 
     @property
+    def slack(self) -> int:
+        """What onnxruntime-genai allocates beyond `window_size`: a chunk's worth, at least the slack."""
+        return max(self.chunk - 1, CACHE_SLACK)
+
+    @property
     def window_size(self) -> int | None:
-        return None if self.cap is None else self.cap - max(self.chunk - 1, CACHE_SLACK)
+        return None if self.cap is None else self.cap - self.slack
 
     def allocated(self, total: int) -> int:
         """onnxruntime-genai's length of a sliding layer's present after `total` positions."""
         assert self.window_size is not None
-        return min(total, self.window_size + max(self.chunk - 1, CACHE_SLACK))
+        return min(total, self.window_size + self.slack)
 
 
 def genai_chunk(manifest: Manifest, wanted: int) -> int:
