@@ -244,12 +244,12 @@ def main() -> int:
             f"WARNING: 1-min load average was {load0:.1f} on {cpus} CPUs before the benchmark started"
         )
 
-    from exporter.spec import Gemma4Spec
+    from exporter.family import read_spec
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     if args.checkpoint is None:
         args.checkpoint = prepare_preset(args.preset, args.workdir, say)
-    spec = Gemma4Spec.from_checkpoint_dir(args.checkpoint)
+    spec = read_spec(args.checkpoint)
     logs = args.workdir / "logs"
     logs.mkdir(exist_ok=True)
     models: dict[str, str] = {}

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from exporter import dtypes
-from exporter.safetensors_io import TensorInfo, iter_row_chunks, open_checkpoint, read_rows
+from exporter.family import read_spec
+from exporter.safetensors_io import TensorInfo, iter_row_chunks, open_checkpoint, read_rows, read_tensor
 from exporter.spec import Gemma4Spec
 from exporter.weights import map_checkpoint
 from ple_export.bundle.format import PLE_TABLE_TENSOR
@@ -41,7 +42,7 @@ class Checkpoint:
 
     def model_info(self) -> ModelInfo:
         return ModelInfo(
-            family="gemma4",
+            family=self.spec.family,
             spec=self.spec.to_dict(),
             num_parameters=self.spec.num_parameters(),
             source={
@@ -73,7 +74,7 @@ class Checkpoint:
 
 
 def read_checkpoint(path: Path) -> Checkpoint:
-    spec = Gemma4Spec.from_checkpoint_dir(path)
+    spec = read_spec(path)
     tensors = open_checkpoint(path)
     mapping = map_checkpoint(spec, tensors)
     for hf_name in mapping.values():
@@ -81,4 +82,23 @@ def read_checkpoint(path: Path) -> Checkpoint:
             raise UserError(
                 f"tensor {hf_name} has dtype {tensors[hf_name].dtype} (weights must be bf16, fp16 or fp32)"
             )
-    return Checkpoint(path, spec, tensors, mapping)
+    ckpt = Checkpoint(path, spec, tensors, mapping)
+    _check_altup_coefficients(ckpt)
+    return ckpt
+
+
+def _check_altup_coefficients(ckpt: Checkpoint) -> None:
+    """Gemma 3n's AltUp coefficients are trained clipped to `altup_coef_clip` (and not clipped at
+    inference): a value outside it means the checkpoint is not what its config says."""
+    clip = getattr(ckpt.spec, "altup_coef_clip", None)
+    if ckpt.spec.family != "gemma3n" or clip is None:
+        return
+    for i in range(ckpt.spec.num_hidden_layers):
+        for kind in ("prediction_coefs", "correction_coefs"):
+            name = f"layers.{i}.altup.{kind}.weight"
+            peak = float(np.abs(read_tensor(ckpt.info(name))).max())
+            if not peak <= clip:
+                raise UserError(
+                    f"tensor {ckpt.mapping[name]}: AltUp coefficient of magnitude {peak:.6g} outside "
+                    f"altup_coef_clip {clip:g} (config.json)"
+                )

@@ -8,9 +8,11 @@ value is a one-line `UserError` naming the field and its allowed range.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ple_export.errors import UserError
+from ple_export.jsonfile import read_json_object
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,7 @@ FLOAT_BOUNDS: dict[str, Range] = {
     "factor": Range(1, 1024),
 }
 MISSING: Any = object()
+MAX_CONFIG_BYTES = 2**20  # config.json; real ones are a few KiB
 
 
 def show(value: Any) -> str:
@@ -152,3 +155,24 @@ class Fields:
                 f"config.json: field {self.prefix + key!r} must be true or false, got {show(value)}"
             )
         return value
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """A checkpoint folder's config.json as an object, with a one-line error for each way it can be
+    missing or unreadable."""
+    cfg_path = path / "config.json"
+    if not path.exists():
+        raise UserError(f"{path}: no such checkpoint folder")
+    if not path.is_dir():
+        raise UserError(f"{path}: not a directory (export takes the checkpoint folder)")
+    if not cfg_path.is_file():
+        raise UserError(f"{cfg_path}: missing (an HF checkpoint folder needs config.json)")
+    try:
+        size = cfg_path.stat().st_size
+    except OSError as e:
+        raise UserError(f"{cfg_path}: cannot read ({e.strerror or e})") from None
+    if size > MAX_CONFIG_BYTES:
+        raise UserError(
+            f"{cfg_path}: {size} bytes; a config.json is a few KiB (at most {MAX_CONFIG_BYTES} read)"
+        )
+    return read_json_object(cfg_path)

@@ -115,7 +115,7 @@ def export_bundle(
         report("tracing", 1, 2)
         passes = {
             "embedder": embedder_passes(embedder, recipe, width),
-            "decoder": decoder_passes(decoder, recipe),
+            "decoder": decoder_passes(decoder, recipe, spec.family),
         }
         recipe.check_keep([*passes["decoder"].quantized, *passes["decoder"].kept])
         layouts = [

@@ -237,9 +237,14 @@ class DecoderLayer(nn.Module):
         self.ple_norm = RMSNorm(h, eps)
         self.layer_scalar = nn.Parameter(torch.ones(1))  # a buffer upstream; loaded from the checkpoint
 
+    def prepare(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the layer's input, its attention input): the decoder computes the attention input once
+        and feeds it to this layer's new K/V and to `forward`."""
+        return x, self.attn_norm(x)
+
     def forward(self, x, x_normed, rotary, kv, allowed, per_layer_input):  # type: ignore[no-untyped-def]
         """The layer's output and the present keys/values of the KV layer it attends to.
-        x_normed = attn_norm(x), computed once by the caller (it also feeds this layer's new K/V)."""
+        x_normed = attn_norm(x), from `prepare`."""
         attn, present_k, present_v = self.attn(x_normed, rotary, kv, allowed)
         x = x + self.post_attn_norm(attn)
         x = x + self.post_mlp_norm(self.mlp(self.mlp_norm(x)))
@@ -286,6 +291,8 @@ class Gemma4Decoder(nn.Module):
     Outputs: logits [B, N, V], then present_key/present_value per KV-owning layer.
     """
 
+    layer_class: type[nn.Module] = DecoderLayer
+
     def __init__(self, spec: Gemma4Spec):
         super().__init__()
         self.spec = spec
@@ -293,7 +300,7 @@ class Gemma4Decoder(nn.Module):
         self.embed = nn.Embedding(spec.vocab_size, h)
         self.ple_projection = nn.Linear(h, spec.ple_dim, bias=False)
         self.ple_projection_norm = RMSNorm(spec.hidden_size_per_layer_input, spec.rms_norm_eps)
-        self.layers = nn.ModuleList(DecoderLayer(spec, i) for i in range(spec.num_hidden_layers))
+        self.layers = nn.ModuleList(self.layer_class(spec, i) for i in range(spec.num_hidden_layers))
         self.final_norm = RMSNorm(h, spec.rms_norm_eps)
         # RoPE frequencies are not in checkpoints: the exporter binds them from `rope_buffers(spec)`.
         for name, value in rope_buffers(spec).items():
@@ -313,6 +320,7 @@ class Gemma4Decoder(nn.Module):
             proj.view(b, s, spec.num_hidden_layers, spec.hidden_size_per_layer_input)
         )
         per_layer = (proj + per_layer_inputs) * (2.0**-0.5)
+        x = self.expand(x)
 
         rope: dict[str, Rotary] = {}
         allowed: dict[str, torch.Tensor] = {}
@@ -330,7 +338,7 @@ class Gemma4Decoder(nn.Module):
         for i, layer in enumerate(self.layers):
             lt = spec.layer_types[i]
             src = spec.kv_source(i)
-            x_normed = layer.attn_norm(x)
+            x, x_normed = layer.prepare(x)
             if src == i:
                 j = kv_layers.index(i)
                 kv: tuple[torch.Tensor, ...] = (
@@ -349,12 +357,20 @@ class Gemma4Decoder(nn.Module):
                 presents += [keys, values]
 
         # the head (the largest matmul: vocab x hidden) only where logits are asked for
-        x = self.final_norm(x.index_select(1, logits_positions))
+        x = self.final_norm(self.collapse(x, logits_positions))
         logits = F.linear(x, self.embed.weight)  # tied LM head
         if spec.final_logit_softcapping is not None:
             cap = spec.final_logit_softcapping
             logits = torch.tanh(logits / cap) * cap
         return (logits, *presents)
+
+    def expand(self, x: torch.Tensor) -> torch.Tensor:
+        """The hidden state the layers carry, from the scaled embedding [B, S, H] (Gemma 4: itself)."""
+        return x
+
+    def collapse(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """[B, N, H] at the positions that get logits, from what the layers carried."""
+        return x.index_select(1, positions)
 
 
 def rope_buffers(spec: Gemma4Spec) -> dict[str, torch.Tensor]:

@@ -124,7 +124,7 @@ def quantize_bundle(
         width = int(manifest.model.spec["hidden_size_per_layer_input"])
         passes = {
             "embedder": embedder_passes(embedder, recipe, width),
-            "decoder": decoder_passes(decoder, recipe),
+            "decoder": decoder_passes(decoder, recipe, manifest.model.family),
         }
         recipe.check_keep([*passes["decoder"].quantized, *passes["decoder"].kept])
         layouts = [

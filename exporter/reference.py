@@ -20,8 +20,10 @@ import numpy as np
 import torch
 
 from exporter.checkpoint import read_checkpoint
+from exporter.config_fields import read_config
+from exporter.family import decoder_for, read_spec
 from exporter.gemma4 import Gemma4Decoder, PLEEmbedder, empty_past, rope_buffers
-from exporter.safetensors_io import read_tensor
+from exporter.safetensors_io import open_checkpoint, read_tensor
 from exporter.spec import Gemma4Spec
 from ple_export.bundle.format import PLE_TABLE_TENSOR
 from ple_export.bundle.manifest import Manifest
@@ -36,7 +38,7 @@ def load_reference(
     ckpt = read_checkpoint(checkpoint)
     spec = ckpt.spec
     embedder = PLEEmbedder(spec, table_dtype=dtype)
-    decoder = Gemma4Decoder(spec)
+    decoder = decoder_for(spec)
     state = {name: torch.from_numpy(read_tensor(ckpt.info(name))) for name in ckpt.mapping}
     embedder.load_state_dict({PLE_TABLE_TENSOR: state.pop(PLE_TABLE_TENSOR)}, strict=True)
     decoder.load_state_dict(state | rope_buffers(spec), strict=True)
@@ -72,7 +74,7 @@ class TorchModel:
 
 
 class TransformersModel:
-    """transformers' Gemma4ForCausalLM, eager attention, with its DynamicCache."""
+    """transformers' Gemma4ForCausalLM or Gemma3nForCausalLM, eager attention, with its DynamicCache."""
 
     def __init__(self, checkpoint: Path, dtype: torch.dtype = torch.float32):
         try:
@@ -84,9 +86,12 @@ class TransformersModel:
                 "--oracle transformers needs transformers installed (pip install transformers)"
             ) from None
         hf_logging.disable_progress_bar()  # stderr is ours: progress bars only under our switch
-        self.model = AutoModelForCausalLM.from_pretrained(
-            checkpoint, dtype=dtype, attn_implementation="eager"
-        ).eval()
+        if read_spec(checkpoint).family == "gemma3n":
+            self.model = _gemma3n_causal_lm(checkpoint, dtype)
+        else:
+            self.model = AutoModelForCausalLM.from_pretrained(
+                checkpoint, dtype=dtype, attn_implementation="eager"
+            ).eval()
         self._cache = DynamicCache
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = frozenset({eos} if isinstance(eos, int) else set(eos or []))
@@ -100,6 +105,34 @@ class TransformersModel:
         keep = {"logits_to_keep": 1} if last_only else {}
         out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, **keep)
         return out.logits.float().numpy()
+
+
+def _gemma3n_causal_lm(checkpoint: Path, dtype: torch.dtype) -> Any:
+    """transformers' Gemma3nForCausalLM on a checkpoint's text weights. The multimodal wrapper
+    (`Gemma3nForConditionalGeneration`) cannot be built without timm and pillow, so the text
+    decoder is built from `text_config` and given the `model.language_model.*` tensors renamed to
+    `model.*` (towers dropped; the unused K/V projections of KV-shared layers too, as upstream's
+    `_keys_to_ignore_on_load_unexpected` does)."""
+    from transformers import Gemma3nForCausalLM, Gemma3nTextConfig
+
+    cfg = read_config(checkpoint)
+    text = cfg.get("text_config", cfg)
+    config = Gemma3nTextConfig.from_dict({k: v for k, v in text.items() if k != "model_type"})
+    config._attn_implementation = "eager"
+    model: Any = Gemma3nForCausalLM(config)
+    tensors = open_checkpoint(checkpoint)
+    prefix = next(p for p in ("model.language_model.", "model.") if p + "embed_tokens.weight" in tensors)
+    state = {
+        "model." + name[len(prefix) :]: torch.from_numpy(read_tensor(info))
+        for name, info in tensors.items()
+        if name.startswith(prefix)
+    }
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    shared_kv = [k for k in unexpected if ".self_attn.k_" in k or ".self_attn.v_" in k]
+    if set(unexpected) - set(shared_kv) or set(missing) - {"lm_head.weight"}:
+        raise UserError(f"{checkpoint}: transformers' Gemma3nForCausalLM does not take these weights")
+    model.tie_weights()
+    return model.to(dtype).eval()
 
 
 ORACLES: dict[str, Callable[[Path], Any]] = {"ours": TorchModel, "transformers": TransformersModel}
@@ -126,7 +159,7 @@ def sequence(model: Any, chunk: int = ORACLE_CHUNK) -> Forward:
 
 def check_same_model(manifest: Manifest, checkpoint: Path) -> None:
     """The reference must be the checkpoint the bundle came from (same spec), or nothing compares."""
-    spec = json.loads(json.dumps(Gemma4Spec.from_checkpoint_dir(checkpoint).to_dict()))
+    spec = json.loads(json.dumps(read_spec(checkpoint).to_dict()))
     mine = manifest.model.spec
     differing = sorted(k for k in spec if k in mine and spec[k] != mine[k] and k != "eos_token_id")
     if differing:

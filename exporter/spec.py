@@ -14,20 +14,20 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from exporter.config_fields import (
     INT_BOUNDS,
     Range,
     check_float,
     check_int,
+    read_config,
     show,
 )
 from exporter.config_fields import Fields as _Fields
 from ple_export.bundle.contract import KV_DTYPE, graph_contract
 from ple_export.bundle.manifest import Generation, Graphs, KVCache, KVLayer
 from ple_export.errors import UserError
-from ple_export.jsonfile import read_json_object
 
 SLIDING = "sliding_attention"
 FULL = "full_attention"
@@ -37,7 +37,6 @@ SUPPORTED_ACTIVATIONS = ("gelu_pytorch_tanh",)
 
 MAX_EOS_TOKENS = 64
 MAX_PARAMETERS = 10**11  # the whole text decoder, PLE table included
-MAX_CONFIG_BYTES = 2**20  # config.json; real ones are a few KiB
 
 
 @dataclass(frozen=True)
@@ -73,6 +72,20 @@ class Gemma4Spec:
     pad_token_id: int | None = 0
     bos_token_id: int | None = 2
     eos_token_id: tuple[int, ...] = (1,)
+
+    # ---- the family ----------------------------------------------------------------------------
+    @property
+    def family(self) -> str:
+        return "gemma4"
+
+    @property
+    def checkpoint_prefix(self) -> str:
+        """Where `synth` writes the text decoder's tensors (readers accept either layout)."""
+        return "model."
+
+    def weight_shapes(self, prefix: str = "model.") -> dict[str, tuple[int, ...]]:
+        """Every tensor a checkpoint of this spec holds, HF name -> shape, in a fixed order."""
+        return hf_weight_shapes(self, prefix)
 
     # ---- derived per-layer facts -------------------------------------------------------------
     def is_sliding(self, layer: int) -> bool:
@@ -167,7 +180,7 @@ class Gemma4Spec:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def replace(self, **changes: Any) -> Gemma4Spec:
+    def replace(self, **changes: Any) -> Self:
         spec = dataclasses.replace(self, **changes)
         spec.validate()
         return spec
@@ -260,7 +273,8 @@ class Gemma4Spec:
             model_type = cfg.get("model_type", "gemma4_text")
         if model_type != "gemma4_text":
             raise UserError(
-                f"config.json: unsupported model_type {show(model_type)} (supported: 'gemma4_text', 'gemma4')"
+                f"config.json: unsupported model_type {show(model_type)} "
+                "(supported: 'gemma4_text', 'gemma4', 'gemma3n_text', 'gemma3n')"
             )
         f = _Fields(cfg)
         if f.bool("enable_moe_block", False) or f.int("num_experts", None, null=None):
@@ -391,26 +405,11 @@ class Gemma4Spec:
 
     @classmethod
     def from_checkpoint_dir(cls, path: Path) -> Gemma4Spec:
-        cfg_path = path / "config.json"
-        if not path.exists():
-            raise UserError(f"{path}: no such checkpoint folder")
-        if not path.is_dir():
-            raise UserError(f"{path}: not a directory (export takes the checkpoint folder)")
-        if not cfg_path.is_file():
-            raise UserError(f"{cfg_path}: missing (an HF checkpoint folder needs config.json)")
-        try:
-            size = cfg_path.stat().st_size
-        except OSError as e:
-            raise UserError(f"{cfg_path}: cannot read ({e.strerror or e})") from None
-        if size > MAX_CONFIG_BYTES:
-            raise UserError(
-                f"{cfg_path}: {size} bytes; a config.json is a few KiB (at most {MAX_CONFIG_BYTES} read)"
-            )
-        return cls.from_hf_config(read_json_object(cfg_path))
+        return cls.from_hf_config(read_config(path))
 
     # ---- parameter count -----------------------------------------------------------------------
     def num_parameters(self) -> int:
-        return sum(math.prod(s) for s in hf_weight_shapes(self).values())
+        return sum(math.prod(s) for s in self.weight_shapes().values())
 
 
 # ---- the checkpoint's tensors -------------------------------------------------------------------------

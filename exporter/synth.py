@@ -1,4 +1,4 @@
-"""Deterministic random HF Gemma 4 checkpoints, written in streaming row chunks.
+"""Deterministic random HF Gemma 4 / Gemma 3n checkpoints, written in streaming row chunks.
 
 Values depend only on (seed, tensor name, shape, dtype): each tensor is cut into fixed row chunks
 of at most `CHUNK_ELEMS` elements (a function of the shape alone), and chunk k is drawn from its own
@@ -26,7 +26,7 @@ import ml_dtypes
 import numpy as np
 
 from exporter.safetensors_writer import SafetensorsWriter
-from exporter.spec import Gemma4Spec, hf_weight_shapes
+from exporter.spec import Gemma4Spec
 from ple_export.errors import UserError
 from ple_export.outdir import staged_output
 
@@ -47,6 +47,14 @@ _RULES: tuple[tuple[tuple[str, ...], str, _Scale], ...] = (
     # q/k RMSNorm weights ~ head_dim**-0.25 each: q.k over head_dim then has unit variance.
     (("self_attn.q_norm.weight", "self_attn.k_norm.weight"), NORM, lambda s, spec: s[0] ** -0.25),
     (("layer_scalar",), UNIFORM, lambda s, spec: 1.0),
+    # Gemma 3n AltUp: a non-zero correct_output_scale (zero, the HF init, switches PLE off); mixing
+    # coefficients well inside altup_coef_clip and small: every layer multiplies the streams by
+    # (1 + coefficients), and at 0.3 that compounds over 15 layers into a model where float noise
+    # moves logits by 1e-4 of their scale (0.1: 5e-6, as Gemma 4's synthetic models); the router
+    # sees RMSNorm(x) / hidden, so weights of sqrt(fan_in) give routed values of unit scale.
+    (("altup.correct_output_scale",), NORM, lambda s, spec: 1.0),
+    (("altup.prediction_coefs.weight", "altup.correction_coefs.weight"), NORMAL, lambda s, spec: 0.1),
+    (("altup.modality_router.weight",), NORMAL, lambda s, spec: s[1] ** 0.5),
     # Gemma 4's RMSNorm multiplies by the weight itself (no +1 offset).
     (
         (
@@ -54,6 +62,8 @@ _RULES: tuple[tuple[tuple[str, ...], str, _Scale], ...] = (
             ".norm.weight",
             "post_per_layer_input_norm.weight",
             "per_layer_projection_norm.weight",
+            "router_norm.weight",
+            "post_laurel_norm.weight",
         ),
         NORM,
         lambda s, spec: 1.0,
@@ -68,6 +78,9 @@ _RULES: tuple[tuple[tuple[str, ...], str, _Scale], ...] = (
             "per_layer_input_gate.weight",
             "per_layer_projection.weight",
             "per_layer_model_projection.weight",
+            "linear_left.weight",
+            "linear_right.weight",
+            *(f"_projections.{j}.weight" for j in range(3)),  # Gemma 3n's AltUp stream projections
         ),
         NORMAL,
         lambda s, spec: s[1] ** -0.5,
@@ -123,7 +136,7 @@ def generate_chunk(
 def synth_total_bytes(spec: Gemma4Spec, dtype: str = "bf16") -> int:
     """Bytes of tensor data `synth_checkpoint` writes (the total for a progress bar)."""
     code_size = np.dtype(_dtype(dtype)[2]).itemsize
-    return sum(math.prod(s) for s in hf_weight_shapes(spec).values()) * code_size
+    return sum(math.prod(s) for s in spec.weight_shapes().values()) * code_size
 
 
 def _dtype(dtype: str) -> tuple[str, str, Any]:
@@ -163,7 +176,7 @@ def synth_checkpoint(
     if seed < 0:
         raise UserError(f"seed must be non-negative, got {seed}")
     out_dir = Path(out_dir)
-    shapes = hf_weight_shapes(spec)
+    shapes = spec.weight_shapes(spec.checkpoint_prefix)
     rules = {name: init_rule(name, shape, spec) for name, shape in shapes.items()}  # fail before writing
 
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,8 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from exporter import dtypes
-from exporter.gemma4 import Gemma4Decoder, PLEEmbedder
+from exporter.family import decoder_for
+from exporter.gemma4 import PLEEmbedder
 from exporter.spec import Gemma4Spec
 from ple_export.bundle.contract import BATCH, KV_DTYPE, LOGITS, SEQUENCE, past_length
 from ple_export.bundle.format import IR_VERSION, OPSET
@@ -113,7 +114,7 @@ def trace_decoder(spec: Gemma4Spec, kv_dtype: str = KV_DTYPE) -> ir.Model:
     """The decoder graph with dynamic batch, sequence and per-layer past lengths; its KV caches in
     `kv_dtype` (the attention itself computes in fp32 either way)."""
     with _interruptible(), _quiet(), FakeTensorMode(allow_non_fake_inputs=True):
-        module = Gemma4Decoder(spec).eval()
+        module = decoder_for(spec).eval()
         b, s, p = 2, 5, 3
         ids = torch.zeros(b, s, dtype=torch.int64)
         per_layer_inputs = torch.zeros(b, s, spec.num_hidden_layers, spec.hidden_size_per_layer_input)

@@ -1,4 +1,4 @@
-"""Weight-name mapping, as data: HF Gemma 4 checkpoint names -> our module's names.
+"""Weight-name mapping, as data: HF Gemma 4 / Gemma 3n checkpoint names -> our module's names.
 
 `map_checkpoint` consumes every tensor it maps; a missing, unexpected or mis-shaped tensor is an
 error naming it. Names are relative to the text-decoder prefix (`model.` for `gemma4_text`,
@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Protocol
 
-from exporter.spec import Gemma4Spec, hf_weight_shapes
+from exporter.spec import Gemma4Spec
 from ple_export.bundle.format import PLE_TABLE_TENSOR
 from ple_export.errors import UserError
 
@@ -41,9 +41,35 @@ LAYER_MAP: dict[str, str] = {
     "per_layer_projection.weight": "ple_proj.weight",
     "post_per_layer_input_norm.weight": "ple_norm.weight",
 }
+# Gemma 3n (exporter/gemma3n.py): no layer_scalar; AltUp, LAuReL and the stream projections added.
+GEMMA3N_GLOBAL_MAP: dict[str, str] = GLOBAL_MAP | {
+    f"{kind}.{j}.weight": f"{kind}.{j}.weight"
+    for kind in ("altup_projections", "altup_unembed_projections")
+    for j in range(3)
+}
+GEMMA3N_LAYER_MAP: dict[str, str] = {k: v for k, v in LAYER_MAP.items() if k != "layer_scalar"} | {
+    "altup.correct_output_scale": "altup.correct_output_scale",
+    "altup.correction_coefs.weight": "altup.correction_coefs.weight",
+    "altup.prediction_coefs.weight": "altup.prediction_coefs.weight",
+    "altup.modality_router.weight": "altup.router.weight",
+    "altup.router_norm.weight": "altup.router_norm.weight",
+    "laurel.linear_left.weight": "laurel.left.weight",
+    "laurel.linear_right.weight": "laurel.right.weight",
+    "laurel.post_laurel_norm.weight": "laurel.norm.weight",
+}
+NAME_MAPS: dict[str, tuple[dict[str, str], dict[str, str]]] = {
+    "gemma4": (GLOBAL_MAP, LAYER_MAP),
+    "gemma3n": (GEMMA3N_GLOBAL_MAP, GEMMA3N_LAYER_MAP),
+}
+FAMILY_NAMES = {"gemma4": "Gemma 4", "gemma3n": "Gemma 3n"}
 # Present in some checkpoints but unused by the math: tied LM head, KV projections of KV-shared layers
 # (transformers' `_keys_to_ignore_on_load_unexpected`).
-_KV_SUFFIXES = ("self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.k_norm.weight")
+_KV_SUFFIXES = (
+    "self_attn.k_proj.weight",
+    "self_attn.v_proj.weight",
+    "self_attn.k_norm.weight",
+    "self_attn.v_norm.weight",
+)
 TEXT_PREFIXES = ("model.language_model.", "model.")
 # Multimodal gemma4 checkpoints: towers we do not export.
 NON_TEXT_PREFIXES = (
@@ -62,14 +88,15 @@ class HasShape(Protocol):
     def shape(self) -> tuple[int, ...]: ...
 
 
-def our_name(hf_suffix: str) -> str | None:
+def our_name(hf_suffix: str, family: str = "gemma4") -> str | None:
     """Our name for an HF name below the text prefix, or None if the name is not ours to map."""
-    if hf_suffix in GLOBAL_MAP:
-        return GLOBAL_MAP[hf_suffix]
+    global_map, layer_map = NAME_MAPS[family]
+    if hf_suffix in global_map:
+        return global_map[hf_suffix]
     if hf_suffix.startswith("layers."):
         parts = hf_suffix.split(".", 2)
-        if len(parts) == 3 and parts[1].isdigit() and parts[2] in LAYER_MAP:
-            return f"layers.{parts[1]}.{LAYER_MAP[parts[2]]}"
+        if len(parts) == 3 and parts[1].isdigit() and parts[2] in layer_map:
+            return f"layers.{parts[1]}.{layer_map[parts[2]]}"
     return None
 
 
@@ -79,7 +106,7 @@ def detect_prefix(names: Mapping[str, object]) -> str:
             return prefix
     raise UserError(
         "checkpoint has no token embedding (looked for 'model.embed_tokens.weight' and "
-        "'model.language_model.embed_tokens.weight'): not a Gemma 4 text checkpoint"
+        "'model.language_model.embed_tokens.weight'): not a Gemma 4 / Gemma 3n text checkpoint"
     )
 
 
@@ -90,7 +117,7 @@ def map_checkpoint(spec: Gemma4Spec, tensors: Mapping[str, HasShape]) -> dict[st
     disagrees with config.json.
     """
     prefix = detect_prefix(tensors)
-    expected = hf_weight_shapes(spec, prefix)
+    expected = spec.weight_shapes(prefix)
     remaining = dict(tensors)
     mapping: dict[str, str] = {}
     for hf_name, shape in expected.items():
@@ -99,7 +126,7 @@ def map_checkpoint(spec: Gemma4Spec, tensors: Mapping[str, HasShape]) -> dict[st
         got = tuple(remaining.pop(hf_name).shape)
         if got != shape:
             raise UserError(f"tensor {hf_name} has shape {list(got)} but config.json implies {list(shape)}")
-        name = our_name(hf_name[len(prefix) :])
+        name = our_name(hf_name[len(prefix) :], spec.family)
         assert name is not None, hf_name  # the tables above cover every expected name
         mapping[name] = hf_name
     for hf_name in list(remaining):
@@ -121,5 +148,8 @@ def map_checkpoint(spec: Gemma4Spec, tensors: Mapping[str, HasShape]) -> dict[st
     if remaining:
         name = sorted(remaining)[0]
         more = f" (and {len(remaining) - 1} more)" if len(remaining) > 1 else ""
-        raise UserError(f"checkpoint has unexpected tensor {name}{more}: not part of a Gemma 4 text decoder")
+        raise UserError(
+            f"checkpoint has unexpected tensor {name}{more}: "
+            f"not part of a {FAMILY_NAMES[spec.family]} text decoder"
+        )
     return mapping

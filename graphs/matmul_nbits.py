@@ -56,9 +56,10 @@ class LinearToMatMulNBits(InPlacePass):
     """Returns `QuantizedWeights`: the weights quantized (with their block size) and those kept float
     (with why)."""
 
-    def __init__(self, recipe: QuantRecipe):
+    def __init__(self, recipe: QuantRecipe, always_float: tuple[str, ...] = ()):
         super().__init__()
         self.recipe = recipe
+        self.always_float = QuantRecipe(keep=always_float)  # the model family's (recipe.FAMILY_FLOAT)
 
     def call(self, model: ir.Model) -> QuantizedWeights:
         result = QuantizedWeights(model, False)
@@ -72,6 +73,9 @@ class LinearToMatMulNBits(InPlacePass):
             n, k = weight.shape.numpy()
             if self.recipe.keeps(name):
                 result.kept[name] = "kept by --keep"
+                continue
+            if self.always_float.keeps(name):
+                result.kept[name] = "kept float by the model family"
                 continue
             block = self.recipe.block_for(k)
             if block is None:

@@ -27,7 +27,7 @@ from graphs.matmul_nbits import LinearToMatMulNBits
 from graphs.ple_table_quant import PleTableToGatherBlockQuantized
 from graphs.sibling_matmul_nbits import MergeSiblingMatMulNBits
 from graphs.tied_lm_head import TiedLmHeadToGemm
-from ple_export.bundle.recipe import QuantRecipe
+from ple_export.bundle.recipe import FAMILY_FLOAT, QuantRecipe
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ def _cleanup(model: ir.Model) -> Counted:
     return Counted.of(model, -clean(model)["nodes"])
 
 
-def decoder_passes(model: ir.Model, recipe: QuantRecipe) -> PassReport:
+def decoder_passes(model: ir.Model, recipe: QuantRecipe, family: str = "gemma4") -> PassReport:
     """Run every decoder pass in place, in order."""
     steps: tuple[tuple[str, Callable[[ir.Model], Any]], ...] = (
         # fold the trace's constants, shape plumbing and no-op casts (weights untouched)
@@ -57,7 +57,7 @@ def decoder_passes(model: ir.Model, recipe: QuantRecipe) -> PassReport:
         ("rms_norm", _counted(fuse_rms_norm)),
         ("skip_rms_norm", _counted(fuse_skip_rms_norm)),
         ("gelu", _counted(fuse_gelu)),
-        ("matmul_nbits", LinearToMatMulNBits(recipe)),
+        ("matmul_nbits", LinearToMatMulNBits(recipe, FAMILY_FLOAT.get(family, ()))),
         ("sibling_matmul_nbits", MergeSiblingMatMulNBits()),
         # a float tied head (--quant none, or kept) reads the embedding as stored
         ("tied_lm_head", TiedLmHeadToGemm()),

@@ -114,7 +114,13 @@ PLOT = P.OutputFile((".png", ".svg", ".pdf"), ("matplotlib", "pip install 'ple-e
 @app.command()
 def synth(
     output: Annotated[Path, opt(P.OutputDir(), "Folder for the checkpoint.", "--output", "-o")],
-    preset: Annotated[str, opt(P.Choice(_presets), "Model shapes: tiny | small | e2b | e4b.")] = "tiny",
+    preset: Annotated[
+        str,
+        opt(
+            P.Choice(_presets),
+            "Model shapes: tiny | small | e2b | e4b | gemma3n-{tiny,small,e2b,e4b}.",
+        ),
+    ] = "tiny",
     dtype: Annotated[str, opt(P.Choice(("bf16", "fp16", "fp32")), "Weights' dtype.")] = "bf16",
     seed: Annotated[int, opt(SEED, "Random seed; same seed, same bytes.")] = 0,
     shard_size: Annotated[int, opt(SHARD, "Maximum shard size (GB = 10^9 bytes, as on the Hub).")] = 2 * GB,

@@ -25,6 +25,8 @@ from hypothesis import strategies as st
 from hypothesis.control import currently_in_test_context
 
 from exporter.config_fields import FLOAT_BOUNDS, INT_BOUNDS
+from exporter.family import read_spec, spec_from_config
+from exporter.gemma3n_spec import Gemma3nSpec
 from exporter.presets import get_preset
 from exporter.spec import MAX_PARAMETERS, Gemma4Spec
 from ple_export.errors import UserError
@@ -58,6 +60,9 @@ BASES: dict[str, dict[str, Any]] = {
         "vision_config": {"model_type": "gemma4_vision", "hidden_size": 768},
     },
     "gemma4_e2b": {"model_type": "gemma4", "text_config": get_preset("e2b").to_hf_config()},
+    # Gemma 3n: the multimodal wrapper layout (as released) and a bare text config
+    "gemma3n_tiny": get_preset("gemma3n-tiny").to_hf_config(),
+    "gemma3n_e2b_text": get_preset("gemma3n-e2b").to_hf_config()["text_config"],
 }
 # Keys worth adding where they are missing (the reader's whole vocabulary) and a few unknown ones.
 KEYS = sorted(
@@ -316,6 +321,12 @@ def _assert_sane(spec: Gemma4Spec) -> None:
     ids = [spec.pad_token_id, spec.bos_token_id, *spec.eos_token_id]
     assert all(type(i) is int and 0 <= i < spec.vocab_size for i in ids if i is not None), ids
     assert all(spec.num_attention_heads % spec.layer_kv_heads(i) == 0 for i in range(spec.num_hidden_layers))
+    if isinstance(spec, Gemma3nSpec):
+        n = spec.num_hidden_layers
+        assert len(spec.intermediate_sizes) == len(spec.activation_sparsity_pattern) == n
+        assert all(type(x) is int and 0 < x <= 2**24 for x in spec.intermediate_sizes)
+        assert all(type(p) is float and 0 <= p < 1 for p in spec.activation_sparsity_pattern)
+        assert spec.altup_num_inputs == 4 and spec.altup_active_idx == 0 and 0 < spec.laurel_rank <= 2**24
 
 
 def _event(what: str) -> None:  # statistics: pytest --hypothesis-show-statistics
@@ -339,7 +350,7 @@ def check_outcome(parse: Callable[[], Gemma4Spec]) -> Gemma4Spec | None:
         spec.validate()
         assert spec.num_parameters() <= MAX_PARAMETERS
         _assert_sane(spec)
-        assert Gemma4Spec.from_hf_config(spec.to_hf_config()) == spec
+        assert spec_from_config(spec.to_hf_config()) == spec
         _event("accepted")
         return spec
     finally:
@@ -351,7 +362,7 @@ def check_outcome(parse: Callable[[], Gemma4Spec]) -> Gemma4Spec | None:
 @given(data=st.data())
 def test_mutated_configs_parse_or_refuse_in_one_line(data: st.DataObject) -> None:
     cfg = _mutated(data)
-    check_outcome(lambda: Gemma4Spec.from_hf_config(cfg))
+    check_outcome(lambda: spec_from_config(cfg))
 
 
 @pytest.fixture(scope="module")
@@ -365,7 +376,7 @@ def test_mutated_config_json_files_parse_or_refuse_in_one_line(data: st.DataObje
     """The same through config.json: JSON's NaN/Infinity literals, string keys, the nesting limit."""
     cfg = _mutated(data)
     (ckpt_dir / "config.json").write_text(json.dumps(cfg, allow_nan=True))
-    check_outcome(lambda: Gemma4Spec.from_checkpoint_dir(ckpt_dir))
+    check_outcome(lambda: read_spec(ckpt_dir))
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from exporter.config_fields import FLOAT_BOUNDS, INT_BOUNDS
+from exporter.family import spec_from_config
 from exporter.presets import PRESETS
 from exporter.spec import MAX_PARAMETERS, Gemma4Spec
 from ple_export.errors import UserError
@@ -20,7 +21,7 @@ from tests.conftest import VARIANTS
 @pytest.mark.parametrize("name", list(PRESETS))
 def test_preset_round_trips_through_config_json(name: str) -> None:
     spec = PRESETS[name]
-    assert Gemma4Spec.from_hf_config(spec.to_hf_config()) == spec
+    assert spec_from_config(spec.to_hf_config()) == spec
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))

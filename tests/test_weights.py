@@ -75,5 +75,5 @@ def test_misshapen_tensor_is_named_with_both_shapes() -> None:
 
 
 def test_no_embedding_means_not_gemma4() -> None:
-    with pytest.raises(UserError, match="not a Gemma 4 text checkpoint"):
+    with pytest.raises(UserError, match="not a Gemma 4 / Gemma 3n text checkpoint"):
         map_checkpoint(SPEC, {"transformer.wte.weight": Fake((10, 4))})

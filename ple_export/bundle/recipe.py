@@ -25,6 +25,11 @@ MIN_BLOCK = 16  # MatMulNBits and GatherBlockQuantized: a power of two >= 16
 MAX_BLOCK = 256
 
 
+# Decoder weights every recipe keeps in float, by family (globs over our names): Gemma 3n's AltUp
+# router and prediction/correction coefficients (tiny, and int4 noise there moves every stream).
+FAMILY_FLOAT: dict[str, tuple[str, ...]] = {"gemma3n": ("layers.*.altup.*",)}
+
+
 def bits_of(quant: str) -> int:
     return {"int4": 4, "int8": 8}[quant]
 
