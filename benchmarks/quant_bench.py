@@ -184,7 +184,7 @@ def _parse() -> argparse.Namespace:
         description=(__doc__ or "").split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", type=Path, help="HF Gemma 4 checkpoint folder")
+    source.add_argument("--checkpoint", type=Path, help="HF Gemma 4 or Gemma 3n checkpoint folder")
     source.add_argument("--preset", help="synthesize this preset's checkpoint instead (tiny, small, ...)")
     p.add_argument("--peer-genai", type=Path, default=None, help="the peer's ORT-GenAI model folder")
     p.add_argument(

@@ -243,7 +243,7 @@ def verify(
     prompts: Annotated[int, opt(P.Int(1, 1000), "How many prompts.")] = 3,
     prompt_len: Annotated[int | None, opt(TOKENS, "Prompt tokens (default: window + 8).")] = None,
     steps: Annotated[int, opt(P.Int(1, 4096), "Prefill + greedy decode steps compared per prompt.")] = 8,
-    oracle: Annotated[str, opt(ORACLE, "ours: our PyTorch re-authoring.")] = "ours",
+    oracle: Annotated[str, opt(ORACLE, "ours: our PyTorch modules; transformers: *ForCausalLM.")] = "ours",
     prefill_chunk: Annotated[int, opt(CHUNK, CHUNK_HELP)] = DEFAULT_PREFILL_CHUNK,
     runtime: Annotated[str, opt(RUNTIME, RUNTIME_HELP + " Also compared with our loop.")] = "ours",
     seed: Annotated[int, opt(SEED, "Seed of the token-id prompts (no tokenizer).")] = 0,

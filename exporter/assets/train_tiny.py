@@ -19,6 +19,7 @@ minutes of one CPU core:
 
     python -m exporter.assets.train_tiny            # writes exporter/assets/tiny_trained
     python -m exporter.assets.train_tiny --out /tmp/x --steps 20   # a quick trial elsewhere
+    python -m exporter.assets.train_tiny --family gemma3n   # the Gemma 3n sibling (CORPUS.md there)
 
 Only for developers: needs the test extras (transformers, tokenizers); nothing in the exporter
 imports it.
@@ -33,6 +34,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import sysconfig
 import time
 from collections import Counter
@@ -42,7 +44,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from exporter.family import read_spec
+from exporter.gemma3n_spec import Gemma3nSpec
 from exporter.presets import get_preset
+from exporter.reference import _gemma3n_causal_lm
 from exporter.safetensors_writer import SafetensorsWriter
 from exporter.spec import Gemma4Spec, hf_weight_shapes
 from exporter.synth import chunk_rows, generate_chunk, init_rule, write_hf_configs
@@ -90,6 +95,20 @@ TRAIN_TIME = (
     "about 0.55 s a step, 5.5 minutes in all, on an idle core; 9 to 24 minutes of wall time when the "
     "shared 2-core development machine was busy"
 )
+# Gemma 3n (issue #18): its tiny preset made larger like SPEC; the rarest 256 ids past the PLE vocab.
+SPEC_GEMMA3N: Gemma3nSpec = get_preset("gemma3n-tiny").replace(  # type: ignore[assignment]
+    vocab_size=VOCAB_SIZE,
+    vocab_size_per_layer_input=VOCAB_SIZE - 256,
+    hidden_size=128,
+    intermediate_size=256,
+    intermediate_sizes=(256, 192, 256, 320, 256, 192, 256, 256, 128, 256),
+    head_dim=32,
+    global_head_dim=32,
+    sliding_window=32,
+    hidden_size_per_layer_input=32,
+)
+TRAIN_TIME_GEMMA3N = "0.82-0.88 s a step, 8-9 minutes on one core of the busy 2-core machine"
+FAMILIES = {"gemma4": (SPEC, ASSET_DIR), "gemma3n": (SPEC_GEMMA3N, ASSET_DIR.parent / "tiny_trained_gemma3n")}
 GENERATION_PROMPTS = ("If the file", "Return a new", 'The "while" statement')
 GENERATION_TOKENS = 40
 
@@ -228,24 +247,50 @@ def greedy(model: Any, tok: Any, prompt: str, new_tokens: int) -> str:
 
 # ---- model -----------------------------------------------------------------------------------------
 def build_model(spec: Gemma4Spec, seed: int) -> Any:
-    """transformers' Gemma4ForCausalLM, fp32, with `exporter.synth`'s well-conditioned init."""
+    """transformers' Gemma4ForCausalLM or Gemma3nForCausalLM, fp32, with `exporter.synth`'s init."""
     import transformers
 
-    cfg = spec.to_hf_config()
-    cfg["torch_dtype"] = "float32"
-    config: Any = transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    if isinstance(spec, Gemma3nSpec):
+        text = {k: v for k, v in spec.to_hf_config()["text_config"].items() if k != "model_type"}
+        config: Any = transformers.Gemma3nTextConfig.from_dict({**text, "torch_dtype": "float32"})
+        causal_lm: Any = transformers.Gemma3nForCausalLM
+    else:
+        cfg = spec.to_hf_config()
+        cfg["torch_dtype"] = "float32"
+        config = transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+        causal_lm = transformers.Gemma4ForCausalLM
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
-    model = transformers.Gemma4ForCausalLM(config).float()
+    model = causal_lm(config).float()
     state = {}
-    for name, shape in hf_weight_shapes(spec).items():
+    for name, (model_name, shape) in _tensor_names(spec).items():
         assert not shape or shape[0] <= chunk_rows(shape)  # one chunk: small tensors only
         x = generate_chunk(name, shape, init_rule(name, shape, spec), seed, 0, np.float32)
-        state[name] = torch.from_numpy(np.ascontiguousarray(x))
+        state[model_name] = torch.from_numpy(np.ascontiguousarray(x))
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert not unexpected, unexpected
     assert set(missing) <= {"lm_head.weight"}, missing  # tied to the embedding
     return model
+
+
+def _tensor_names(spec: Gemma4Spec) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Checkpoint tensor name -> (name in the transformers model, shape): Gemma 3n renames."""
+    if not isinstance(spec, Gemma3nSpec):
+        return {name: (name, shape) for name, shape in hf_weight_shapes(spec).items()}
+    pre = spec.checkpoint_prefix
+    return {n: ("model." + n[len(pre) :], s) for n, s in spec.weight_shapes(pre).items()}
+
+
+def clip_altup(model: Any, clip: float) -> dict[str, float]:
+    """Clamp a Gemma 3n model's AltUp coefficients to +-clip (transformers does so only in training
+    forwards; our exporter refuses any past the clip); returns each kind's largest magnitude before."""
+    peaks = {}
+    for kind in ("prediction_coefs", "correction_coefs"):
+        weights = [getattr(layer.altup, kind).weight.data for layer in model.model.layers]
+        peaks[kind] = max(float(w.abs().max()) for w in weights)
+        for w in weights:
+            w.clamp_(-clip, clip)
+    return peaks
 
 
 def train(model: Any, train_ids: list[int], steps: int, seed: int, log: bool = True) -> float:
@@ -291,10 +336,10 @@ def save_checkpoint(model: Any, spec: Gemma4Spec, out: Path) -> None:
     """config.json, generation_config.json and model.safetensors (bf16) in the HF layout."""
     write_hf_configs(spec, out, "bfloat16")
     state = model.state_dict()
-    shapes = hf_weight_shapes(spec)
-    with SafetensorsWriter(out, [(n, SAVE_DTYPE, s) for n, s in shapes.items()]) as writer:
-        for name, shape in shapes.items():
-            x = state[name].detach().float().contiguous().numpy()
+    names = _tensor_names(spec)
+    with SafetensorsWriter(out, [(n, SAVE_DTYPE, s) for n, (_, s) in names.items()]) as writer:
+        for name, (model_name, shape) in names.items():
+            x = state[model_name].detach().float().contiguous().numpy()
             assert x.shape == shape, (name, x.shape, shape)
             writer.write(name, x)
 
@@ -302,6 +347,8 @@ def save_checkpoint(model: Any, spec: Gemma4Spec, out: Path) -> None:
 def load_trained(folder: Path, dtype: torch.dtype = torch.float32) -> Any:
     import transformers
 
+    if read_spec(folder).family == "gemma3n":  # as `verify --oracle transformers` builds it
+        return _gemma3n_causal_lm(folder, dtype)
     return transformers.Gemma4ForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="eager")
 
 
@@ -315,18 +362,8 @@ def logit_rel_error(folder: Path, ids: list[int]) -> float:
 
 
 # ---- CORPUS.md -------------------------------------------------------------------------------------
-def corpus_md(m: dict[str, Any]) -> str:
-    s = SPEC
-    layers = "/".join("S" if t == "sliding_attention" else "F" for t in s.layer_types)
-    cap = s.final_logit_softcapping
-    heads = f"{s.num_attention_heads} query heads, {s.num_key_value_heads} KV head"
-    samples = "\n\n".join(f"```\n{text}\n```" for _, text in m["samples"])
-    return f"""# tiny_trained: a small Gemma 4 PLE model with trained weights
-
-Made by `python -m exporter.assets.train_tiny` (issue #5). Random weights give flat logits whose
-top-1 flips on noise; this model has learnt its corpus, so quantization can be judged by it.
-
-## Corpus
+def _corpus_section(m: dict[str, Any]) -> str:
+    return f"""## Corpus
 
 Text that CPython 3.11.7 ships in its standard library (`corpus_documents` in the script), as
 {m["documents"]:,} documents:
@@ -347,7 +384,43 @@ license permits use, copying and distribution of derivative works with that noti
 Split: every {HELDOUT_EVERY}th document is held out ({m["heldout_chars"]:,} characters, shipped here
 as `{HELDOUT_FILE}`); the other {m["train_chars"]:,} characters are the training split.
 
-## Tokenizer (`tokenizer.json`)
+"""
+
+
+def _measured_section(m: dict[str, Any]) -> str:
+    samples = "\n\n".join(f"```\n{text}\n```" for _, text in m["samples"])
+    return f"""## Measured (bf16 weights as shipped, computed in fp32 by transformers)
+
+Held-out per-token perplexity, in windows of {SEQ_LEN - 1} tokens behind a `<bos>`, every held-out
+token predicted once ({m["heldout_tokens"]:,} tokens):
+
+| model | perplexity |
+| --- | --- |
+| this model | {m["ppl_model"]:.2f} |
+| unigram of the training split (add-one smoothing) | {m["ppl_unigram"]:.2f} |
+| unigram fitted on the held-out text itself (a unigram's best) | {m["ppl_oracle_unigram"]:.2f} |
+| uniform over the vocabulary | {VOCAB_SIZE} |
+
+fp32 vs fp64 logits on the first held-out window: max |l32 - l64| / max |l64| =
+{m["logit_rel_error"]:.2e}.
+
+Greedy generation, {GENERATION_TOKENS} tokens after each prompt (small models loop):
+
+{samples}
+"""
+
+
+def corpus_md(m: dict[str, Any]) -> str:
+    s = SPEC
+    layers = "/".join("S" if t == "sliding_attention" else "F" for t in s.layer_types)
+    cap = s.final_logit_softcapping
+    heads = f"{s.num_attention_heads} query heads, {s.num_key_value_heads} KV head"
+    return f"""# tiny_trained: a small Gemma 4 PLE model with trained weights
+
+Made by `python -m exporter.assets.train_tiny` (issue #5). Random weights give flat logits whose
+top-1 flips on noise; this model has learnt its corpus, so quantization can be judged by it.
+
+{_corpus_section(m)}## Tokenizer (`tokenizer.json`)
 
 Byte-level BPE trained with `tokenizers` on the training split, {VOCAB_SIZE} tokens:
 `<pad>`=0, `<eos>`=1, `<bos>`=2, then the 256 byte symbols and the merges. Encoding prepends
@@ -377,50 +450,75 @@ machine wrote byte-identical files. That holds for one machine and these version
 {platform.python_version()}, torch {torch.__version__}, transformers {m["transformers"]}, tokenizers
 {m["tokenizers"]}); another CPU family (other SIMD kernels) or another version may round differently.
 
-## Measured (bf16 weights as shipped, computed in fp32 by transformers)
+{_measured_section(m)}"""
 
-Held-out per-token perplexity, in windows of {SEQ_LEN - 1} tokens behind a `<bos>`, every held-out
-token predicted once ({m["heldout_tokens"]:,} tokens):
 
-| model | perplexity |
-| --- | --- |
-| this model | {m["ppl_model"]:.2f} |
-| unigram of the training split (add-one smoothing) | {m["ppl_unigram"]:.2f} |
-| unigram fitted on the held-out text itself (a unigram's best) | {m["ppl_oracle_unigram"]:.2f} |
-| uniform over the vocabulary | {VOCAB_SIZE} |
+def corpus_md_gemma3n(m: dict[str, Any]) -> str:
+    s, peaks = SPEC_GEMMA3N, m["altup_peaks"]
+    kinds = "/".join("S" if t == "sliding_attention" else "F" for t in s.layer_types)
+    return f"""# tiny_trained_gemma3n: a small Gemma 3n PLE model with trained weights
 
-fp32 vs fp64 logits on the first held-out window: max |l32 - l64| / max |l64| =
-{m["logit_rel_error"]:.2e}.
+The Gemma 3n sibling of `../tiny_trained` (issue #18), made the same way by `python -m
+exporter.assets.train_tiny --family gemma3n` with the same corpus and tokenizer (its copy: same ids).
 
-Greedy generation, {GENERATION_TOKENS} tokens after each prompt (small models loop):
+{_corpus_section(m)}## Model
 
-{samples}
-"""
+The released layout (config.json `gemma3n` with a `gemma3n_text` `text_config`, tensors
+`model.language_model.*`); `SPEC_GEMMA3N` in the script, the `gemma3n-tiny` preset made larger:
+hidden {s.hidden_size}, layers `{kinds}` (S: window {s.sliding_window}), the last {s.num_kv_shared_layers}
+KV-shared, FFN sizes per layer, gate-sparse first layers, PLE over the first
+{s.vocab_size_per_layer_input} of {s.vocab_size} ids. {m["parameters"]:,} parameters, bf16
+({m["safetensors_bytes"]:,} bytes).
+
+Trained as the Gemma 4 sibling ({STEPS} steps, one thread, seed {SEED}) in transformers'
+`Gemma3nForCausalLM` (eager; the multimodal class needs timm), then its AltUp coefficients clamped to
+`altup_coef_clip` {s.altup_coef_clip:g} (`clip_altup`). Time: {TRAIN_TIME_GEMMA3N}. As shipped: AltUp
+coefficients up to {peaks["prediction_coefs"]:.3g} (prediction), {peaks["correction_coefs"]:.3g}
+(correction); |`correct_output_scale`| >= {m["min_correct_scale"]:.3g}. Two runs wrote byte-identical
+files (Python {platform.python_version()}, torch {torch.__version__}, transformers {m["transformers"]}).
+
+{_measured_section(m)}"""
 
 
 # ---- main ------------------------------------------------------------------------------------------
-def make(out: Path, steps: int = STEPS, seed: int = SEED, check_corpus: bool = True) -> None:
-    """Train the tokenizer and the model; write them, the held-out text and CORPUS.md to `out`."""
+def make(
+    out: Path, steps: int = STEPS, seed: int = SEED, check_corpus: bool = True, family: str = "gemma4"
+) -> None:
+    """Train the tokenizer (Gemma 3n: copy the Gemma 4 model's) and the model; write them, the
+    held-out text and CORPUS.md to `out`."""
+    if family != "gemma4" and out.resolve() == ASSET_DIR.resolve():
+        raise SystemExit(f"{out} holds the Gemma 4 model: write the {family} one elsewhere")
     _deterministic(seed)
     out.mkdir(parents=True, exist_ok=True)
     docs = corpus_documents(check_corpus)
     train_text, heldout_text = split_corpus(docs)
     (out / HELDOUT_FILE).write_text(heldout_text, encoding="utf-8")
 
-    tok = train_tokenizer(train_text)
-    tok.save(str(out / "tokenizer.json"))
+    spec = FAMILIES[family][0]
+    if family == "gemma3n":
+        from tokenizers import Tokenizer
+
+        if (ASSET_DIR / HELDOUT_FILE).read_text(encoding="utf-8") != heldout_text:
+            raise SystemExit(f"{ASSET_DIR} was not made from this corpus: train it first")
+        shutil.copyfile(ASSET_DIR / "tokenizer.json", out / "tokenizer.json")
+        tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    else:
+        tok = train_tokenizer(train_text)
+        tok.save(str(out / "tokenizer.json"))
     (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(), indent=2) + "\n")
     train_ids = tok.encode(train_text, add_special_tokens=False).ids
 
-    model = build_model(SPEC, seed)
+    model = build_model(spec, seed)
     t0 = time.perf_counter()
     train(model, train_ids, steps, seed)
     print(f"trained in {(time.perf_counter() - t0) / 60:.1f} minutes", flush=True)
-    save_checkpoint(model, SPEC, out)
-    report(out, check_corpus)
+    if isinstance(spec, Gemma3nSpec):
+        print(f"AltUp coefficients before the clamp: {clip_altup(model, spec.altup_coef_clip or math.inf)}")
+    save_checkpoint(model, spec, out)
+    report(out, check_corpus, family)
 
 
-def report(out: Path, check_corpus: bool = True) -> dict[str, Any]:
+def report(out: Path, check_corpus: bool = True, family: str = "gemma4") -> dict[str, Any]:
     """Measure the checkpoint in `out` as shipped (bf16 weights, fp32 compute) and write CORPUS.md.
     Needs only the files and the corpus, not the training: deterministic."""
     import pydoc_data.topics
@@ -437,6 +535,8 @@ def report(out: Path, check_corpus: bool = True) -> dict[str, Any]:
     tok = Tokenizer.from_file(str(out / "tokenizer.json"))
     train_ids = tok.encode(train_text, add_special_tokens=False).ids
     heldout_ids = tok.encode(heldout_text, add_special_tokens=False).ids
+    if read_spec(out) != (spec := FAMILIES[family][0]):
+        raise SystemExit(f"{out}: config.json is not the {family} model of this script")
     shipped = load_trained(out)
     nll, count = model_nll(shipped, heldout_ids)
     metrics: dict[str, Any] = {
@@ -448,7 +548,7 @@ def report(out: Path, check_corpus: bool = True) -> dict[str, Any]:
         "train_tokens": len(train_ids),
         "heldout_tokens": count,
         "chars_per_token": len(train_text) / len(train_ids),
-        "parameters": sum(math.prod(s) for s in hf_weight_shapes(SPEC).values()),
+        "parameters": sum(math.prod(s) for s in spec.weight_shapes().values()),
         "safetensors_bytes": (out / "model.safetensors").stat().st_size,
         "ppl_model": math.exp(nll / count),
         "ppl_unigram": unigram_perplexity(train_ids, heldout_ids, VOCAB_SIZE),
@@ -458,10 +558,14 @@ def report(out: Path, check_corpus: bool = True) -> dict[str, Any]:
         "tokenizers": tokenizers.__version__,
         "samples": [(p, greedy(shipped, tok, p, GENERATION_TOKENS)) for p in GENERATION_PROMPTS],
     }
+    if isinstance(spec, Gemma3nSpec):  # as loaded from the files
+        scale = torch.cat([layer.altup.correct_output_scale for layer in shipped.model.layers]).abs()
+        metrics.update(altup_peaks=clip_altup(shipped, math.inf), min_correct_scale=float(scale.min()))
     print(json.dumps({k: v for k, v in metrics.items() if k != "samples"}, indent=2))
     for prompt, sample in metrics["samples"]:
         print(f"greedy from {prompt!r}: {sample!r}")
-    (out / "CORPUS.md").write_text(corpus_md(metrics), encoding="utf-8")
+    md = corpus_md_gemma3n(metrics) if family == "gemma3n" else corpus_md(metrics)
+    (out / "CORPUS.md").write_text(md, encoding="utf-8")
     return metrics
 
 
@@ -473,7 +577,8 @@ def _deterministic(seed: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--out", type=Path, default=ASSET_DIR, help="output folder (default: %(default)s)")
+    parser.add_argument("--family", choices=list(FAMILIES), default="gemma4", help="(default: %(default)s)")
+    parser.add_argument("--out", type=Path, help="output folder (default: the family's asset folder)")
     parser.add_argument("--steps", type=int, default=STEPS, help="training steps (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=SEED)
     parser.add_argument(
@@ -484,10 +589,11 @@ def main() -> None:
     )
     args = parser.parse_args()
     os.environ.setdefault("RAYON_NUM_THREADS", "1")  # before tokenizers starts its thread pool
+    out = args.out if args.out is not None else FAMILIES[args.family][1]
     if args.report_only:
-        report(args.out, check_corpus=not args.any_corpus)
+        report(out, check_corpus=not args.any_corpus, family=args.family)
     else:
-        make(args.out, args.steps, args.seed, check_corpus=not args.any_corpus)
+        make(out, args.steps, args.seed, check_corpus=not args.any_corpus, family=args.family)
 
 
 if __name__ == "__main__":
