@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.table import Table
 
 # typer 0.29 vendors click; its usage errors are not exported at the top level
 from typer._click.exceptions import NoArgsIsHelpError, UsageError  # noqa: E402
@@ -93,7 +92,6 @@ def _devices() -> list[str]:
 
 
 BUNDLE = P.ExistingDir("bundle")
-CHECKPOINT = P.ExistingDir("checkpoint")
 REPORT = P.ExistingFile("profile report", (".json",))
 DEVICE = P.Choice(_devices)
 ORACLE = P.Choice(("ours", "transformers"))
@@ -190,10 +188,7 @@ def export(
         from ple_export.printers import BundleSummary, print_summary
 
         assert recipe_flags is not None
-        if not isinstance(checkpoint, Path):  # a Hub id: huggingface_hub's cache, or a download
-            from exporter.hub import resolve
-
-            checkpoint = resolve(checkpoint, quiet=quiet or as_json)
+        checkpoint = _checkpoint(checkpoint, quiet or as_json)
         opts = ExportOptions(
             page_size=page_size,
             ple_dtype=ple_dtype,
@@ -239,7 +234,14 @@ def quantize(
 @app.command()
 def verify(
     bundle: Annotated[Path, arg(BUNDLE, "Bundle folder.")],
-    reference: Annotated[Path, opt(CHECKPOINT, "The checkpoint the bundle was exported from.")],
+    reference: Annotated[
+        Any,  # a Path, a Hub id (str) resolved below, or None
+        opt(
+            P.CheckpointSource(),
+            "The checkpoint the bundle was exported from (folder or ORG/NAME[@REV]); "
+            "optional with --runtime genai (then compared with our loop only).",
+        ),
+    ] = None,
     prompts: Annotated[int, opt(P.Int(1, 1000), "How many prompts.")] = 3,
     prompt_len: Annotated[int | None, opt(TOKENS, "Prompt tokens (default: window + 8).")] = None,
     steps: Annotated[int, opt(P.Int(1, 4096), "Prefill + greedy decode steps compared per prompt.")] = 8,
@@ -259,11 +261,11 @@ def verify(
 ) -> None:
     """Parity of a bundle (onnxruntime) against the PyTorch reference: exit 0 pass, 3 parity failure."""
     with user_errors():
-        from exporter.reference import reference_for
+        from ple_export.printers import print_verify
         from runtime_harness.verify import VerifyOptions, run_verify
 
         opts = VerifyOptions(
-            reference=reference,
+            reference=None if reference is None else _checkpoint(reference, quiet or as_json),
             prompts=prompts,
             prompt_len=prompt_len,
             steps=steps,
@@ -281,44 +283,34 @@ def verify(
         )
         opts.validate()
         with progress_bars(not quiet and not as_json) as progress:
-            report = run_verify(bundle, opts, reference_for(reference, oracle), progress)
-        emit(report.to_json(), as_json, lambda: _print_verify(report))
+            oracle_of = None
+            if opts.reference is not None:  # torch: not imported for genai against our loop
+                oracle_of = _oracle(opts.reference, oracle)
+            report = run_verify(bundle, opts, oracle_of, progress)
+        emit(report.to_json(), as_json, lambda: print_verify(report))
         if not report.passed:
             fail(f"{bundle}: parity failed: {'; '.join(report.failures)}{report.hint()}", EXIT_PARITY_FAILED)
 
 
-def _print_verify(report: Any) -> None:
-    s, t = report.summary, report.thresholds
-    table = Table(title=None, show_edge=False)
-    for col in ("metric", "measured", "threshold"):
-        table.add_column(col)
-    rows = [
-        ("max relative logit error", f"{s.max_rel_error:.3g}", f"<= {t.max_rel_error:g}"),
-        ("min cosine", f"{s.min_cosine:.6f}", f">= {t.min_cosine:g}"),
-        ("top-1 agreement (unambiguous)", f"{s.top1_agreement_unambiguous:.3f}", f">= {t.min_top1:g}"),
-        ("top-1 agreement (all)", f"{s.top1_agreement:.3f}", ""),
-        ("mean KL (nats)", f"{s.mean_kl:.3g}", f"<= {t.max_mean_kl:g}"),
-        ("mean top-k overlap", f"{s.mean_topk_overlap:.3f}", f">= {t.min_topk_overlap:g}"),
-        ("near-tie steps", f"{s.ambiguous_steps}/{s.steps}", f"margin < {t.near_tie:g}"),
-    ]
-    for row in rows:
-        table.add_row(*row)
-    out.print(
-        f"verify {literal(report.bundle)} ({report.precision}; {report.thresholds_for} thresholds; "
-        f"{'onnxruntime-genai' if report.runtime == 'genai' else 'our loop'}) against "
-        f"{report.oracle} reference, {report.prompts} prompts:",
-        highlight=False,
-    )
-    out.print(table)
-    a = report.agreement
-    if a is not None:
-        out.print(
-            f"onnxruntime-genai against our loop over {a.steps} steps: "
-            f"{'same' if a.same_top1 else '[bold red]different[/]'} top-1 at every step, max logit "
-            f"difference {a.max_abs_logit_diff:.3g} ({a.max_rel_logit_diff:.3g} of the scale)",
-            highlight=False,
-        )
-    out.print("[green]parity holds[/]" if report.passed else "[bold red]parity failed[/]")
+def _checkpoint(source: Path | str, quiet: bool) -> Path:
+    """A checkpoint folder as given, or a Hub id resolved: huggingface_hub's cache, or a download."""
+    if isinstance(source, Path):
+        return source
+    from exporter.hub import resolve
+
+    return resolve(source, quiet=quiet)
+
+
+def _oracle(reference: Path, oracle: str) -> Any:
+    """verify's PyTorch reference: one line where torch is missing (the runtime-only install)."""
+    try:
+        from exporter.reference import reference_for
+    except ImportError as e:
+        raise UserError(
+            f"verify --reference needs torch ({e.name} cannot be imported): install the package with its "
+            "dependencies, or run `verify --runtime genai` without --reference"
+        ) from None
+    return reference_for(reference, oracle)
 
 
 @app.command()

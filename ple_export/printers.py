@@ -306,3 +306,38 @@ def print_profile(report: Any, as_json: bool) -> None:
 def file_problems(checks: list[FileCheck], sha256: bool) -> dict[str, Any]:
     problems = [f"{c.path} {c.problem}" for c in checks if c.problem]
     return {"checked": len(checks), "sha256": sha256, "problems": problems}
+
+
+def print_verify(report: Any) -> None:
+    s, t = report.summary, report.thresholds
+    table = Table(title=None, show_edge=False)
+    for col in ("metric", "measured", "threshold"):
+        table.add_column(col)
+    rows = [
+        ("max relative logit error", f"{s.max_rel_error:.3g}", f"<= {t.max_rel_error:g}"),
+        ("min cosine", f"{s.min_cosine:.6f}", f">= {t.min_cosine:g}"),
+        ("top-1 agreement (unambiguous)", f"{s.top1_agreement_unambiguous:.3f}", f">= {t.min_top1:g}"),
+        ("top-1 agreement (all)", f"{s.top1_agreement:.3f}", ""),
+        ("mean KL (nats)", f"{s.mean_kl:.3g}", f"<= {t.max_mean_kl:g}"),
+        ("mean top-k overlap", f"{s.mean_topk_overlap:.3f}", f">= {t.min_topk_overlap:g}"),
+        ("near-tie steps", f"{s.ambiguous_steps}/{s.steps}", f"margin < {t.near_tie:g}"),
+    ]
+    for row in rows:
+        table.add_row(*row)
+    out.print(
+        f"verify {literal(report.bundle)} ({report.precision}; {report.thresholds_for} thresholds; "
+        f"{'onnxruntime-genai' if report.runtime == 'genai' else 'our loop'}) against "
+        f"{'our loop' if report.reference is None else report.oracle + ' reference'}, "
+        f"{report.prompts} prompts:",
+        highlight=False,
+    )
+    out.print(table)
+    a = report.agreement
+    if a is not None:
+        out.print(
+            f"onnxruntime-genai against our loop over {a.steps} steps: "
+            f"{'same' if a.same_top1 else '[bold red]different[/]'} top-1 at every step, max logit "
+            f"difference {a.max_abs_logit_diff:.3g} ({a.max_rel_logit_diff:.3g} of the scale)",
+            highlight=False,
+        )
+    out.print("[green]parity holds[/]" if report.passed else "[bold red]parity failed[/]")

@@ -49,8 +49,8 @@ def check_genai_files(bundle: Path, manifest: Manifest) -> None:
     """One line saying how to make the files when a bundle has none."""
     if not all(manifest.files_with(role=role) for role in (FileRole.GENAI_MODEL, FileRole.GENAI_CONFIG)):
         raise UserError(
-            f"{bundle}: has no onnxruntime-genai files (model.onnx, {GENAI_CONFIG_FILE}); re-export it with "
-            "`ple-export export` (they are written unless --no-genai) or `ple-export quantize` an fp32 bundle"
+            f"{bundle}: has no onnxruntime-genai files (model.onnx, {GENAI_CONFIG_FILE}); re-export the "
+            "checkpoint with `ple-export export` without --no-genai (`quantize` keeps its source's choice)"
         )
 
 

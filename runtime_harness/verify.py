@@ -9,7 +9,8 @@ agreement, top-k overlap, KL(reference || bundle), and whether a top-1 disagreem
 bundle's recipe class (`compare/thresholds.py`); any can be overridden.
 
 The reference is handed in (`Reference`): this module imports no torch. The CLI builds ours
-(`exporter.reference`) or transformers' (`--oracle transformers`).
+(`exporter.reference`) or transformers' (`--oracle transformers`). With `--runtime genai` and no
+checkpoint, our own onnxruntime loop is the reference (`our_loop`): onnxruntime-genai against it.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ ReferenceFor = Callable[[Manifest], Reference]
 
 @dataclass
 class VerifyOptions:
-    reference: Path
+    reference: Path | None  # None: our own loop is the reference (--runtime genai only)
     prompts: int = 3
     prompt_len: int | None = None  # default: sliding window + 8, at least 16
     steps: int = 8  # prefill + steps - 1 decode steps
@@ -75,6 +76,11 @@ class VerifyOptions:
             raise UserError(f"--oracle must be ours or transformers, got {self.oracle!r}")
         if self.runtime not in RUNTIMES:
             raise UserError(f"--runtime must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
+        if self.reference is None and (self.runtime != "genai" or self.oracle != "ours"):
+            raise UserError(
+                "verify needs --reference CHECKPOINT (the checkpoint the bundle was exported from); "
+                "only --runtime genai runs without one, against our own onnxruntime loop"
+            )
 
 
 @dataclass(frozen=True)
@@ -137,7 +143,7 @@ class Agreement:
 @dataclass(frozen=True)
 class VerifyReport:
     bundle: Path
-    reference: Path
+    reference: Path | None  # None: our own loop (`our_loop`)
     oracle: str
     precision: str  # the bundle's coarsest precision
     prompts: str  # "text" or "ids"
@@ -168,7 +174,7 @@ class VerifyReport:
         return {
             "schema": SCHEMA,
             "bundle": str(self.bundle),
-            "reference": str(self.reference),
+            "reference": None if self.reference is None else str(self.reference),
             "oracle": self.oracle,
             "precision": self.precision,
             "prompts": self.prompts,
@@ -212,9 +218,11 @@ class _Teacher:
         self.expected = reference(prompt)
         self.metrics: list[StepMetrics] = []
         self.tokens: list[int] = []
+        self.seen: list[np.ndarray] = []  # the reference's logits [V], step by step
 
     def __call__(self, logits: np.ndarray) -> np.ndarray:
         self.metrics.append(step_metrics(logits[0], self.expected, self.k, self.near_tie))
+        self.seen.append(self.expected)
         token = int(self.expected.argmax())
         self.tokens.append(token)
         if len(self.tokens) < self.steps:
@@ -222,9 +230,21 @@ class _Teacher:
         return np.array([token])
 
 
+def our_loop(session: BundleSession, chunk: int) -> Reference:
+    """Our own onnxruntime loop as the reference: fresh sequences of the bundle, each prompt in
+    `chunk`-token calls (what `verify --runtime genai` compares with when given no checkpoint)."""
+
+    def fresh() -> Forward:
+        cache = session.new_cache(1)
+        return lambda ids: loop.prefill(session, np.array([ids], dtype=np.int64), cache, chunk)[0]
+
+    return fresh
+
+
 def run_verify(
-    bundle: Path, opts: VerifyOptions, reference_for: ReferenceFor, progress: Progress | None = None
+    bundle: Path, opts: VerifyOptions, reference_for: ReferenceFor | None, progress: Progress | None = None
 ) -> VerifyReport:
+    """`reference_for` None: our own loop is the reference (`--runtime genai` without a checkpoint)."""
     opts.validate()
     if opts.prompt_len is not None:  # before the session: nothing is read for a prompt that cannot fit
         Manifest.read(bundle).model.check_context(opts.prompt_len + opts.steps, "--prompt-len + --steps")
@@ -234,7 +254,7 @@ def run_verify(
     kind = recipe_class(session.manifest.recipe, session.manifest.kv_cache.dtype)
     thresholds = overridden(PARITY[kind], **opts.overrides)
     prompts_kind, prompts = _prompts(session, opts)
-    reference = reference_for(session.manifest)
+    reference = our_loop(session, chunk) if reference_for is None else reference_for(session.manifest)
     runs: list[PromptRun] = []
     pairs: list[tuple[np.ndarray, np.ndarray]] = []
     for prompt in prompts:
@@ -249,7 +269,9 @@ def run_verify(
             keep_logits=genai is not None,
         )
         runs.append(PromptRun(len(prompt), teacher.tokens, teacher.metrics))
-        if genai is not None:  # our loop fed the same tokens in the same chunks
+        if genai is not None and reference_for is None:  # our loop was the reference
+            pairs += [(e[None], g) for e, g in zip(teacher.seen, run.step_logits, strict=True)]
+        elif genai is not None:  # our loop fed the same tokens in the same chunks
             ours = loop.generate(
                 session,
                 prompt,
@@ -267,7 +289,7 @@ def run_verify(
     return VerifyReport(
         bundle=bundle,
         reference=opts.reference,
-        oracle=opts.oracle,
+        oracle=opts.oracle if reference_for is not None else "our-loop",
         precision=session.manifest.precision,
         prompts=prompts_kind,
         thresholds_for=kind,

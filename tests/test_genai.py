@@ -17,7 +17,7 @@ import pytest
 from exporter.export import ExportOptions, export_bundle
 from exporter.presets import get_preset
 from exporter.synth import synth_checkpoint
-from ple_export.bundle.format import GENAI_CONFIG_FILE, GENAI_MODEL_FILE, FileRole, Placement
+from ple_export.bundle.format import GENAI_CONFIG_FILE, GENAI_MODEL_FILE, MANIFEST_FILE, FileRole, Placement
 from ple_export.bundle.genai import genai_config, genai_shape
 from ple_export.bundle.manifest import Manifest
 from ple_export.bundle.recipe import QuantRecipe
@@ -219,10 +219,65 @@ def test_cli_generate_and_verify_under_genai(trained: dict[str, Path], tmp_path:
     agreement = report["agreement_with_our_loop"]
     assert agreement["same_top1"] and agreement["max_rel_logit_diff"] <= GENAI_MAX_REL
     assert agreement["steps"] == 3 * 8
+    alone = cli("verify", bundle, "--runtime", "genai", "--json", cwd=tmp_path)  # our loop, no checkpoint
+    assert alone.returncode == 0, alone.stderr
+    report = json.loads(alone.stdout)
+    assert report["reference"] is None and report["oracle"] == "our-loop" and report["passed"]
+    assert (
+        report["agreement_with_our_loop"]["steps"] == 3 * 8
+        and report["summary"]["max_rel_error"] <= GENAI_MAX_REL
+    )
+    assert_user_error(cli("verify", bundle, cwd=tmp_path), "needs --reference CHECKPOINT", "--runtime genai")
     bad = cli(
         "generate", bundle, "--prompt-ids", "2,5", "--runtime", "genai", "--prefill-chunk", "7", cwd=tmp_path
     )
     assert_user_error(bad, "--prefill-chunk 7", "--genai-chunk")
+
+
+def test_the_genai_commands_need_no_torch(trained: dict[str, Path], tmp_path: Path) -> None:
+    """The runtime-only install (docs/deploy.md, the ARM job): with torch and transformers unimportable,
+    `generate` and `verify --runtime genai` (no checkpoint) still run; `verify --reference` does not."""
+    from tests.test_cli import ENV
+
+    blocked = tmp_path / "blocked"  # a sitecustomize that makes `import torch` fail
+    blocked.mkdir()
+    (blocked / "sitecustomize.py").write_text(
+        "import sys\nsys.modules['torch'] = sys.modules['transformers'] = None\n"
+    )
+    env = {**ENV, "PYTHONPATH": f"{blocked}:{ENV.get('PYTHONPATH', str(ROOT))}"}
+    bundle = trained["int4"]
+    for args in (
+        ("generate", bundle, "--prompt-ids", "2,5,6", "--max-new-tokens", "4", "--runtime", "genai"),
+        ("verify", bundle, "--runtime", "genai", "--prompts", "1", "--steps", "4"),
+    ):
+        proc = cli(*args, cwd=tmp_path, env=env)
+        assert proc.returncode == 0, proc.stderr
+    proc = cli("verify", bundle, "--reference", ROOT, "--prompts", "1", cwd=tmp_path, env=env)
+    assert_user_error(proc, "verify --reference needs torch", "--runtime genai")  # the block works
+
+
+def test_verify_without_a_checkpoint_can_fail(trained: dict[str, Path], tmp_path: Path) -> None:
+    """`verify --runtime genai` with our loop as the reference fails (exit 3) when onnxruntime-genai's
+    model computes something else: here its logits scaled by 1.001 (top-1 unchanged)."""
+    import onnx
+    from onnx import helper
+
+    bundle = tmp_path / "b"
+    shutil.copytree(trained["int4"], bundle)
+    model = onnx.load(bundle / GENAI_MODEL_FILE, load_external_data=False)
+    producer = next(n for n in model.graph.node if "logits" in n.output)
+    producer.output[list(producer.output).index("logits")] = "logits_unscaled"
+    scale = helper.make_tensor("logits_scale", onnx.TensorProto.FLOAT, [], [1.001])
+    model.graph.initializer.append(scale)
+    model.graph.node.append(helper.make_node("Mul", ["logits_unscaled", "logits_scale"], ["logits"]))
+    onnx.save(model, bundle / GENAI_MODEL_FILE)
+    manifest = json.loads((bundle / MANIFEST_FILE).read_text())  # --no-check skips hashes, not sizes
+    entry = next(f for f in manifest["files"] if f["path"] == GENAI_MODEL_FILE)
+    entry["bytes"] = (bundle / GENAI_MODEL_FILE).stat().st_size
+    (bundle / MANIFEST_FILE).write_text(json.dumps(manifest))
+    proc = cli("verify", bundle, "--runtime", "genai", "--no-check", "--prompts", "1", cwd=tmp_path)
+    assert proc.returncode == 3, proc.stderr
+    assert "onnxruntime-genai differs from our loop" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_the_genai_model_is_checked_like_every_file(trained: dict[str, Path], tmp_path: Path) -> None:

@@ -107,8 +107,61 @@ def test_without_the_offline_switch_and_without_network_it_says_so(
     hub: dict[str, Any], tmp_path: Path
 ) -> None:
     """No network here: a model that is not cached cannot be fetched (a reachable Hub answers that it
-    does not exist); a cached one still exports from the cache."""
+    does not exist), and nothing is written; a cached one still exports from the cache."""
     env = {k: v for k, v in hub["env"].items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
     proc = cli("export", "acme/no-such-model", "-o", tmp_path / "b", cwd=tmp_path, env=env)
     line = assert_user_error(proc, "acme/no-such-model")
     assert "cannot be reached" in line or "no such model on the Hub" in line
+    assert not (tmp_path / "b").exists() and not [
+        p for p in tmp_path.iterdir() if p.name.startswith(".bundle")
+    ]
+    flags = ("--quant", "none", "--ple-quant", "none", "--quiet")
+    proc = cli("export", REPO, "-o", tmp_path / "cached", *flags, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "cached" / "manifest.json").is_file()
+
+
+def test_a_snapshot_missing_a_shard_is_one_line_and_writes_nothing(
+    hub: dict[str, Any], tmp_path: Path
+) -> None:
+    """A download cut off before a shard's link was made: the index names a shard the snapshot lacks."""
+    shard = next(p for p in hub["snapshot"].iterdir() if p.name.startswith("model-0000"))
+    shard.unlink()
+    out = tmp_path / "bundle"
+    proc = cli("export", REPO, "-o", out, cwd=tmp_path, env=hub["env"])
+    assert_user_error(proc, shard.name)
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".bundle")]
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "needles"),
+    [
+        ("GatedRepoError", 403, ["acme/x@v9: a gated model", "hf auth login", "HF_TOKEN"]),
+        ("RevisionNotFoundError", 404, ["acme/x@v9: the model has no revision 'v9'"]),
+        ("RepositoryNotFoundError", 401, ["no such model on the Hub", "HF_TOKEN"]),
+        ("HfHubHTTPError", 500, ["acme/x@v9: the download failed (500 Server Error: from the Hub)"]),
+    ],
+)
+def test_what_the_hub_answers_is_one_line_each(
+    monkeypatch: pytest.MonkeyPatch, error: str, status: int, needles: list[str]
+) -> None:
+    """The Hub's answers over a network (none here: a stand-in snapshot_download raises them as
+    huggingface_hub does, with an HTTP response): each one line saying what to do."""
+    import httpx2
+    import huggingface_hub
+    from huggingface_hub import errors
+
+    from exporter.hub import resolve
+    from ple_export.errors import UserError
+
+    request = httpx2.Request("GET", "https://huggingface.co/api/models/acme/x/revision/v9")
+    response = httpx2.Response(status, request=request)
+
+    def answer(*args: Any, **kwargs: Any) -> str:
+        raise getattr(errors, error)(f"{status} Server Error: from the Hub\ndetails", response=response)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", answer)
+    with pytest.raises(UserError) as caught:
+        resolve("acme/x@v9", quiet=True)
+    message = str(caught.value)
+    assert "\n" not in message and all(n in message for n in needles), message
