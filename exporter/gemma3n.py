@@ -124,7 +124,7 @@ class Gemma3nLayer(nn.Module):
         return predictions, self.attn_norm(predictions[0])
 
     def forward(self, predictions, x_normed, rotary, kv, allowed, per_layer_input):  # type: ignore[no-untyped-def]
-        attn, present_k, present_v = self.attn(x_normed, rotary, kv, allowed)
+        attn, keys, values = self.attn(x_normed, rotary, kv, allowed)
         x = predictions[0] + self.post_attn_norm(attn)
         x = (x + self.laurel(x_normed)) / math.sqrt(2)
         x = x + self.post_mlp_norm(self.mlp(self.mlp_norm(x)))
@@ -135,7 +135,7 @@ class Gemma3nLayer(nn.Module):
         g = F.gelu(self.ple_gate(first), approximate="tanh") * per_layer_input
         ple = self.ple_norm(self.ple_proj(g))
         # PLE feeds streams 1..n-1; a Concat, not `corrected[1:] += ple` (ScatterND)
-        return torch.cat([corrected[:1], corrected[1:] + ple], dim=0), present_k, present_v
+        return torch.cat([corrected[:1], corrected[1:] + ple], dim=0), keys, values
 
 
 class Gemma3nDecoder(Gemma4Decoder):

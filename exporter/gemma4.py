@@ -15,6 +15,8 @@ Upstream references are to transformers 5.23 `models/gemma4/modeling_gemma4.py`.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -102,32 +104,6 @@ class Rotary:
         return apply_rope(x, self.cos, self.sin).reshape(b, s, heads * hd)
 
 
-def attend(
-    q: torch.Tensor,  # [B, S, nh * hd]: normed, rotated
-    k_new: torch.Tensor,  # [B, S, kvh * hd]: normed, rotated
-    v_new: torch.Tensor,  # [B, S, kvh * hd]
-    past_k: torch.Tensor,  # [B, kvh, P, hd]
-    past_v: torch.Tensor,
-    n_heads: int,
-    allowed: torch.Tensor,  # [S, P + S] bool, `causal_window`
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Causal grouped-query attention over past + new keys. Returns out [B, S, nh * hd] and the
-    present keys/values [B, kvh, P + S, hd].
-
-    Written out (Concat, two grouped MatMuls, Where, Softmax), not as onnxruntime's
-    `GroupQueryAttention`: that kernel zeroes and fills a new present buffer and runs one small
-    GEMM per query head. On the 595M model, sessions alternating in one process: KV-shared layers
-    written out x1.06 decode, all layers another x1.09, prefill the same within noise; in the
-    fresh-process benchmark (benchmarks/quant_bench.py) the gain hides in this VM's drift."""
-    b, s, _ = q.shape
-    kvh, hd = past_k.shape[1], past_k.shape[3]
-    # a half-precision cache (export --kv-dtype float16) stores K/V rounded; attention runs in fp32
-    keys = torch.cat([past_k, k_new.view(b, s, kvh, hd).transpose(1, 2).to(past_k.dtype)], dim=2)
-    values = torch.cat([past_v, v_new.view(b, s, kvh, hd).transpose(1, 2).to(past_v.dtype)], dim=2)
-    out = grouped_attention(q, keys.to(q.dtype), values.to(q.dtype), n_heads, allowed)
-    return out, keys, values
-
-
 def causal_window(s: int, t: int, window: int | None) -> torch.Tensor:
     """Which of T cached keys each of the S newest queries sees, [S, T] bool. The cache holds the
     T positions up to and including the new tokens, so key j is at distance (T - S + i) - j from
@@ -140,25 +116,41 @@ def causal_window(s: int, t: int, window: int | None) -> torch.Tensor:
     return allowed
 
 
+KV = tuple[torch.Tensor, torch.Tensor]  # a KV layer's (past, new) keys or values, [B, kvh, P | S, hd]
+
+
 def grouped_attention(
     q: torch.Tensor,  # [B, S, nh * hd]: normed, rotated
-    keys: torch.Tensor,  # [B, kvh, T, hd]: past and new
-    values: torch.Tensor,
+    keys: KV,  # (past, new): never concatenated
+    values: KV,
     n_heads: int,
-    allowed: torch.Tensor,  # [S, T] bool, `causal_window`
+    allowed: torch.Tensor,  # [S, P + S] bool, `causal_window`
 ) -> torch.Tensor:
-    """Attention over a complete cache, written out (no KV concat, no copy): out [B, S, nh * hd].
+    """Causal grouped-query attention over past + new keys, written out: out [B, S, nh * hd].
+
+    The past and the new keys are not concatenated (that copied the whole cache every step, and the
+    present outputs returned it again): their scores are, [.., G*S, P + S], and the probabilities
+    are split again for the two value matmuls. The cache is read once per layer, where it lies.
     The query heads that share a KV head are stacked as rows of one matmul (upstream repeats K/V
-    instead), so each KV head's keys are read once per layer, not once per query head."""
+    instead), so each KV head's keys are read once per layer, not once per query head.
+
+    Not onnxruntime's `GroupQueryAttention`: that kernel zeroes and fills a new present buffer and
+    runs one small GEMM per query head (595M model: written out x1.06-1.09 decode)."""
     b, s, _ = q.shape
-    kvh, t, hd = keys.shape[1], keys.shape[2], keys.shape[3]
+    # a half-precision cache (export --kv-dtype float16) stores K/V rounded; attention runs in fp32
+    past_k, new_k = (k.to(q.dtype) for k in keys)
+    past_v, new_v = (v.to(q.dtype) for v in values)
+    kvh, p, hd = past_k.shape[1], past_k.shape[2], past_k.shape[3]
     groups = n_heads // kvh
     qh = q.view(b, s, n_heads, hd).transpose(1, 2).reshape(b, kvh, groups * s, hd)
-    scores = torch.matmul(qh, keys.transpose(2, 3))  # scaling is 1.0: q and k are RMS-normed
-    scores = scores.view(b, kvh, groups, s, t)
-    scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+    # scaling is 1.0: q and k are RMS-normed
+    on_keys = [torch.matmul(qh, past_k.transpose(2, 3)), torch.matmul(qh, new_k.transpose(2, 3))]
+    scores = torch.cat(on_keys, dim=-1)
+    t = scores.shape[-1]
+    scores = scores.view(b, kvh, groups, s, t).masked_fill(~allowed, torch.finfo(scores.dtype).min)
     probs = F.softmax(scores.float(), dim=-1).to(q.dtype).view(b, kvh, groups * s, t)
-    out = torch.matmul(probs, values)  # [B, kvh, G*S, hd]
+    # two Slices (torch.split with a symbolic size traces to a sequence of tensors)
+    out = torch.matmul(probs[..., :p], past_v) + torch.matmul(probs[..., p:], new_v)  # [B, kvh, G*S, hd]
     return out.view(b, n_heads, s, hd).transpose(1, 2).reshape(b, s, -1)
 
 
@@ -192,22 +184,25 @@ class Attention(nn.Module):
         self,
         x: torch.Tensor,  # [B, S, H]
         rotary: Rotary,
-        # a KV-owning layer: new K, new V, past K, past V; a KV-shared layer: its source's present
-        # K and V (past and new: the source layer has run)
-        kv: tuple[torch.Tensor, ...],
+        # a KV-owning layer: new K, new V [B, S, kvh * hd], past K, past V; a KV-shared layer: its
+        # source's (past, new) keys and values (the source layer has run)
+        kv: tuple[Any, ...],
         allowed: torch.Tensor,  # [S, P + S] bool: `causal_window` of this layer's type
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Output [B, S, H] and the present keys/values of the KV layer attended to."""
+    ) -> tuple[torch.Tensor, KV, KV]:
+        """Output [B, S, H] and the (past, new) keys and values of the KV layer attended to; the new
+        ones [B, kvh, S, hd], in the cache's dtype, are the layer's present outputs."""
         b, s, _ = x.shape
         q = rotary(self.q_norm(self.wq(x).view(b, s, self.n_heads, self.head_dim)))
         if self.owns_kv:
             k_new, v_new, past_k, past_v = kv
-            out, present_k, present_v = attend(q, k_new, v_new, past_k, past_v, self.n_heads, allowed)
-        else:  # the source's cache is complete: attend over it in place, no copy
-            present_k, present_v = kv
-            # (a half-precision cache's Cast to fp32 is the source layer's: onnxruntime merges the two)
-            out = grouped_attention(q, present_k.to(q.dtype), present_v.to(q.dtype), self.n_heads, allowed)
-        return self.wo(out), present_k, present_v
+            kvh, hd = past_k.shape[1], past_k.shape[3]
+            new_k = k_new.view(b, s, kvh, hd).transpose(1, 2).to(past_k.dtype)
+            new_v = v_new.view(b, s, kvh, hd).transpose(1, 2).to(past_v.dtype)
+            keys, values = (past_k, new_k), (past_v, new_v)
+        else:  # the source's cache: attended over where it lies, no copy
+            keys, values = kv
+        out = grouped_attention(q, keys, values, self.n_heads, allowed)
+        return self.wo(out), keys, values
 
 
 class MLP(nn.Module):
@@ -243,15 +238,15 @@ class DecoderLayer(nn.Module):
         return x, self.attn_norm(x)
 
     def forward(self, x, x_normed, rotary, kv, allowed, per_layer_input):  # type: ignore[no-untyped-def]
-        """The layer's output and the present keys/values of the KV layer it attends to.
+        """The layer's output and the (past, new) keys and values of the KV layer it attends to.
         x_normed = attn_norm(x), from `prepare`."""
-        attn, present_k, present_v = self.attn(x_normed, rotary, kv, allowed)
+        attn, keys, values = self.attn(x_normed, rotary, kv, allowed)
         x = x + self.post_attn_norm(attn)
         x = x + self.post_mlp_norm(self.mlp(self.mlp_norm(x)))
         # PLE: gate -> act -> * per_layer_input -> projection -> norm -> residual add
         g = F.gelu(self.ple_gate(x), approximate="tanh") * per_layer_input
         x = x + self.ple_norm(self.ple_proj(g))
-        return x * self.layer_scalar, present_k, present_v
+        return x * self.layer_scalar, keys, values
 
 
 class PLEEmbedder(nn.Module):
@@ -331,10 +326,9 @@ class Gemma4Decoder(nn.Module):
             window = spec.sliding_window if lt == SLIDING else None
             allowed[lt] = causal_window(s, past[2 * first].shape[2] + s, window)
 
-        presents: list[torch.Tensor] = []
-        # KV-owning layer -> its present keys and values, past and new (KV-shared layers attend over
-        # these in place)
-        caches: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        presents: list[torch.Tensor] = []  # the new positions' K and V of each KV-owning layer
+        # KV-owning layer -> its (past, new) keys and values (KV-shared layers attend over these)
+        caches: dict[int, tuple[KV, KV]] = {}
         for i, layer in enumerate(self.layers):
             lt = spec.layer_types[i]
             src = spec.kv_source(i)
@@ -349,12 +343,9 @@ class Gemma4Decoder(nn.Module):
             else:
                 kv = caches[src]
             x, keys, values = layer(x, x_normed, rope[lt], kv, allowed[lt], per_layer[:, :, i, :])
-            if src == i:
+            if src == i:  # the caller appends the new positions to its cache (`advance_past`)
                 caches[i] = (keys, values)
-                if spec.is_sliding(i):  # the next token sees at most window - 1 earlier positions
-                    keep = spec.sliding_window - 1
-                    keys, values = keys[:, :, -keep:], values[:, :, -keep:]
-                presents += [keys, values]
+                presents += [keys[1], values[1]]
 
         # the head (the largest matmul: vocab x hidden) only where logits are asked for
         x = self.final_norm(self.collapse(x, logits_positions))
@@ -379,6 +370,19 @@ def rope_buffers(spec: Gemma4Spec) -> dict[str, torch.Tensor]:
     for lt in sorted(set(spec.layer_types)):
         dim = spec.head_dim if lt == SLIDING else spec.global_head_dim
         out[f"rope_inv_freq_{lt}"] = rope_inv_freq(spec.rope[lt], dim)
+    return out
+
+
+def advance_past(
+    spec: Gemma4Spec, past: list[torch.Tensor], presents: list[torch.Tensor]
+) -> list[torch.Tensor]:
+    """The next call's past: each KV layer's new positions appended to its past, a sliding layer's
+    cut to the window - 1 positions the next token can see (what the bundle's runtime does)."""
+    out = []
+    for j, i in enumerate(spec.kv_layers):
+        for kind in (0, 1):
+            grown = torch.cat([past[2 * j + kind], presents[2 * j + kind]], dim=2)
+            out.append(grown[:, :, -(spec.sliding_window - 1) :] if spec.is_sliding(i) else grown)
     return out
 
 

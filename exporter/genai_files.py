@@ -15,7 +15,8 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from graphs.genai_model import splice
+from graphs.genai_model import splice, whole_presents
+from ple_export.bundle.contract import whole_cache_length
 from ple_export.bundle.files import file_entries
 from ple_export.bundle.format import GENAI_CONFIG_FILE, GENAI_MODEL_FILE, Role
 from ple_export.bundle.genai import genai_chunk, genai_config
@@ -42,6 +43,15 @@ def with_genai_files(folder: Path, manifest: Manifest, chunk: int) -> Manifest:
         logits_positions=name(Role.LOGITS_POSITIONS),
         logits=name(Role.LOGITS),
     )
+    pairs = decoder.kv_pairs()  # present -> past
+    layers = {kv.layer: kv for kv in manifest.kv_cache.layers}
+    kv_outputs: list[tuple[str, str, int | None, tuple[object, ...]]] = []
+    for t in decoder.outputs:
+        if t.name in pairs:
+            kv = layers[int(t.layer)]  # type: ignore[arg-type]
+            dims = (t.shape[0], t.shape[1], whole_cache_length(kv), t.shape[3])
+            kv_outputs.append((pairs[t.name], t.name, kv.max_length, dims))
+    model = whole_presents(model, kv_outputs)
     ir.save(model, folder / GENAI_MODEL_FILE)
     (folder / GENAI_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     known = {f.path: f.sha256 for f in manifest.files}

@@ -29,6 +29,7 @@ from exporter.plan_writer import LayoutReport, lay_out
 from graphs.pipeline import PassReport, decoder_passes, embedder_passes
 from ple_export.bundle.files import file_entries, trusted_bundle
 from ple_export.bundle.format import (
+    APPENDING_KV_SINCE,
     DECODER_DATA_FILE,
     DEFAULT_PREFILL_CHUNK,
     PLE_TABLE_FILE,
@@ -110,6 +111,11 @@ def quantize_bundle(
         )
     if recipe.weights == "none" and recipe.ple == "none":
         raise UserError("nothing to quantize: --quant none and --ple-quant none")
+    if not manifest.appends_kv:  # its graphs return whole caches: the output would claim otherwise
+        raise UserError(
+            f"{src}: a format {manifest.format_version} bundle (its decoder returns whole KV caches); "
+            f"quantize takes format {APPENDING_KV_SINCE} on: re-export the checkpoint with --quant none"
+        )
     src_real, dst_real = src.resolve(), out_dir.resolve()
     if dst_real == src_real or dst_real.is_relative_to(src_real) or src_real.is_relative_to(dst_real):
         raise UserError(f"{out_dir}: the output would replace or sit inside the bundle it reads ({src})")

@@ -22,7 +22,7 @@ import torch
 from exporter.checkpoint import read_checkpoint
 from exporter.config_fields import read_config
 from exporter.family import decoder_for, read_spec
-from exporter.gemma4 import Gemma4Decoder, PLEEmbedder, empty_past, rope_buffers
+from exporter.gemma4 import Gemma4Decoder, PLEEmbedder, advance_past, empty_past, rope_buffers
 from exporter.safetensors_io import open_checkpoint, read_tensor
 from exporter.spec import Gemma4Spec
 from ple_export.bundle.format import PLE_TABLE_TENSOR
@@ -68,8 +68,8 @@ class TorchModel:
         b, s = ids.shape
         positions = torch.arange(cache.position, cache.position + s)[None].expand(b, -1)
         wanted = torch.tensor([s - 1]) if last_only else torch.arange(s)
-        logits, *past = self.decoder(ids, self.embedder(ids).to(self.dtype), positions, wanted, *cache.past)
-        cache.past, cache.position = past, cache.position + s
+        logits, *new = self.decoder(ids, self.embedder(ids).to(self.dtype), positions, wanted, *cache.past)
+        cache.past, cache.position = advance_past(self.spec, cache.past, new), cache.position + s
         return logits.float().numpy()
 
 

@@ -14,8 +14,12 @@ present KV). A bundle has two graphs, so this builds a third, small file from th
 - `logits_positions` stops being an input: computed from the ids' length, it asks for the last
   position, and the logits output is declared `[batch, 1, vocab]`, which onnxruntime-genai reads as
   a pruned model (it never runs the LM head over a whole prompt chunk);
-- everything else (the capped sliding presents, RotaryEmbedding, MatMulNBits, GatherBlockQuantized)
-  is the decoder as exported.
+- the presents become whole caches again (`whole_presents`): onnxruntime-genai (with
+  `past_present_share_buffer` off) feeds each present back as the next past, so each one is
+  `Concat(past, new positions)`, a sliding layer's cut to its last window - 1 positions; the decoder
+  returns the new positions only and our runtime appends them in place;
+- everything else (RotaryEmbedding, MatMulNBits, GatherBlockQuantized, attention over past and new
+  keys without a copy) is the decoder as exported.
 
 The result must be saved in the bundle's folder: onnxruntime refuses external data outside the
 model's folder.
@@ -96,3 +100,33 @@ def splice(
         if decoder.opset_imports.setdefault(domain, version) != version:
             raise ValueError(f"the graphs import {domain or 'ai.onnx'} at different versions")
     return decoder
+
+
+def whole_presents(model: ir.Model, kv: list[tuple[str, str, int | None, tuple[object, ...]]]) -> ir.Model:
+    """Each (past input, present output, max_length, whole-cache dims) pair: the present, the new
+    positions only, becomes `Concat(past, new)` over the positions axis, its last `max_length` where
+    one is given, under the present's name and declared with the whole cache's dims."""
+    graph = model.graph
+    for past_name, present_name, max_length, dims in kv:
+        past, new = _value(graph, past_name, "input"), _value(graph, present_name, "output")
+        new.name = f"genai/{present_name}/new"
+        whole = ir.node("Concat", [past, new], attributes={"axis": 2}, outputs=[ir.Value(name=present_name)])
+        added = [whole]
+        if max_length is not None:
+            start = _constant(f"genai/{present_name}/start", [-max_length])
+            end = _constant(f"genai/{present_name}/end", [np.iinfo(np.int64).max])
+            axis = _constant(f"genai/{present_name}/axis", [2])
+            whole.outputs[0].name = f"genai/{present_name}/whole"
+            cut = ir.node(
+                "Slice",
+                [whole.outputs[0], start.outputs[0], end.outputs[0], axis.outputs[0]],
+                outputs=[ir.Value(name=present_name)],
+            )
+            added += [start, end, axis, cut]
+        out = added[-1].outputs[0]
+        assert new.dtype is not None
+        out.dtype, out.shape = new.dtype, ir.Shape(list(dims))  # type: ignore[arg-type]
+        for node in added:
+            graph.append(node)
+        graph.outputs[graph.outputs.index(new)] = out
+    return model

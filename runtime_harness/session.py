@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +20,11 @@ from ple_export.bundle.files import trusted_bundle
 from ple_export.bundle.format import MANIFEST_FILE, MS_DOMAIN, Role
 from ple_export.bundle.manifest import Manifest
 from ple_export.errors import UserError
+from runtime_harness.kv_rows import KVRows
 from runtime_harness.measure import memory
 
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
+_FIRST_ROOM = 256  # a growing layer's first buffer when the caller plans no length
 # bundles exported with onnxruntime's GroupQueryAttention (before the written-out attention of
 # exporter/gemma4.py) refuse S > 1 new tokens over a non-empty cache for batch > 1
 _GQA = f"{MS_DOMAIN}::GroupQueryAttention"
@@ -57,10 +59,13 @@ def _options(
 
 @dataclass
 class KVCache:
-    """Past keys/values by decoder input name, plus how many positions the sequence has consumed."""
+    """Past keys/values by decoder input name (what the next call is fed), plus how many positions
+    the sequence has consumed. A format 4 bundle's are views of `rows`, which the presents (the new
+    positions) are appended to; an earlier bundle's presents are the whole caches, fed back."""
 
     tensors: dict[str, np.ndarray]
     position: int = 0
+    rows: dict[str, KVRows] = field(default_factory=dict)
 
 
 class BundleSession:
@@ -157,6 +162,8 @@ class BundleSession:
         self._output_names = [t.name for t in decoder.outputs]
         self._logits = name(decoder.output(Role.LOGITS))
         self._kv_inputs = decoder.kv_inputs()
+        max_length = {kv.layer: kv.max_length for kv in self.manifest.kv_cache.layers}
+        self._keep = {t.name: max_length[int(t.layer)] for t in self._kv_inputs}  # type: ignore[arg-type]
         for t in self._kv_inputs:
             _, heads, _, head_dim = t.shape
             if t.dtype not in _NP_DTYPES or not all(isinstance(x, int) for x in (heads, head_dim)):
@@ -165,12 +172,20 @@ class BundleSession:
         self._embedder_ids = name(graphs.embedder.input(Role.INPUT_IDS))
 
     def new_cache(self, batch: int, positions: int | None = None) -> KVCache:
-        """Empty pasts (they grow with each call: `positions` needs no room reserved)."""
-        tensors = {}
+        """Empty pasts. `positions`: how many the sequence will take at most (a growing layer's
+        buffer is that long; it doubles when a sequence goes past it)."""
+        cache = KVCache({})
         for t in self._kv_inputs:
             _, heads, _, head_dim = t.shape
-            tensors[t.name] = np.zeros((batch, int(heads), 0, int(head_dim)), dtype=_NP_DTYPES[t.dtype])
-        return KVCache(tensors)
+            dtype = np.dtype(_NP_DTYPES[t.dtype])
+            if self.manifest.appends_kv:
+                keep = self._keep[t.name]
+                rows = KVRows(batch, int(heads), int(head_dim), dtype, keep, positions or _FIRST_ROOM)
+                cache.rows[t.name] = rows
+                cache.tensors[t.name] = rows.view()
+            else:
+                cache.tensors[t.name] = np.zeros((batch, int(heads), 0, int(head_dim)), dtype=dtype)
+        return cache
 
     def per_layer_inputs(self, input_ids: np.ndarray) -> np.ndarray:
         """The PLE lookup (the embedder); its time adds up in `lookup_seconds` (where flash faults land)."""
@@ -205,9 +220,12 @@ class BundleSession:
         else:
             results = self.decoder.run(names, feeds)
         outputs = dict(zip(names, results, strict=True))
-        cache.tensors = {
-            self._present_to_past[n]: v for n, v in outputs.items() if n in self._present_to_past
-        }
+        for present, past in self._present_to_past.items():
+            if cache.rows:  # the new positions, appended in place
+                cache.rows[past].append(outputs[present])
+                cache.tensors[past] = cache.rows[past].view()
+            else:  # format 3 and before: the whole cache
+                cache.tensors[past] = outputs[present]
         cache.position += s
         logits = outputs[self._logits]
         return logits[:, -1:] if last_only and self._logits_positions is None else logits

@@ -46,16 +46,16 @@ def test_pages_per_token_counts_codes_and_scales_row_by_row() -> None:
     assert sum(c.max for c in each) == 4  # the two never straddle on the same row
 
 
-@pytest.mark.parametrize("version", [1, 2, 3, 4, 0, "2", 2.0, True, None])
+@pytest.mark.parametrize("version", [1, 2, 3, 4, 5, 0, "2", 2.0, True, None])
 def test_format_versions_this_runtime_reads(version: object, tmp_path: Path) -> None:
-    """Format 1 (no logits_positions input) and 2 (no onnxruntime-genai files) bundles still load;
-    anything else is refused in one line."""
+    """Format 1 (no logits_positions input), 2 (no onnxruntime-genai files) and 3 (whole-cache
+    presents) bundles still load; anything else is refused in one line."""
     from tests.test_cli import earlier_manifest
 
     (tmp_path / "notes.txt").write_bytes(b"x")
     manifest = earlier_manifest({"notes.txt": b"x"}) | {"format_version": version}
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
-    if version in (1, 2, 3) and type(version) is int:
+    if version in (1, 2, 3, 4) and type(version) is int:
         assert Manifest.read(tmp_path).format_version == version
     else:
         with pytest.raises(UserError, match="format_version .* is not supported"):

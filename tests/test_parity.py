@@ -148,24 +148,52 @@ def test_prefill_computes_only_the_logits_asked_for(bundles: dict[str, Path]) ->
 
 
 @pytest.mark.parametrize("variant", ["tiny", "nocap"])
-def test_attention_reads_each_cache_once(variant: str, bundles: dict[str, Path]) -> None:
-    """Attention is written out: no GroupQueryAttention (which copies every cache into a new
-    present, KV-shared layers' included; fails when it comes back, checked), one Softmax per layer,
-    and one Concat per past input (the KV-owning layers' K and V). A KV-shared layer concatenating
-    its source's past and new keys again would not show here: the graph cleanup merges that
-    duplicate Concat into the source's (checked), so the shared layers read it in place anyway."""
+def test_attention_reads_each_cache_once(variant: str, bundles: dict[str, Path], tmp_path: Path) -> None:
+    """Attention is written out and never copies a cache: no GroupQueryAttention (which copies every
+    cache into a new present; fails when it comes back, checked), one Softmax per layer, and in the
+    graph onnxruntime runs every past input is read only by the two attention matmuls of the layers
+    attending over it (keys through FusedMatMul's transB) and by Shape: no Concat, Slice or Transpose
+    of a cache. The presents are the new positions only: one position per decode step."""
     import onnx
+    import onnxruntime as ort
 
     from exporter.spec import Gemma4Spec
 
     spec = VARIANTS[variant]
     assert isinstance(spec, Gemma4Spec)
     graph = onnx.load(str(bundles[variant] / "decoder.onnx"), load_external_data=False).graph
-    past = {i.name for i in graph.input if i.name.startswith("past_")}
     ops = [n.op_type for n in graph.node]
     assert "GroupQueryAttention" not in ops
     assert ops.count("Softmax") == spec.num_hidden_layers
-    concat_of_past = [n for n in graph.node if n.op_type == "Concat" and past & set(n.input)]
-    assert len(concat_of_past) == len(past) == 2 * len(spec.kv_layers)
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(bundles[variant] / "decoder.onnx"), options, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False).graph
+    past = {i.name for i in optimized.input if i.name.startswith("past_")}
+    readers: dict[str, list[str]] = {name: [] for name in past}
+    for node in optimized.node:
+        for name in set(node.input) & past:
+            readers[name].append(node.op_type)
+    attending = {
+        i: [j for j in range(spec.num_hidden_layers) if spec.kv_source(j) == i] for i in spec.kv_layers
+    }
+    for name, ops_reading in readers.items():
+        matmuls = [op for op in ops_reading if op != "Shape"]
+        layer = int(name.rsplit(".", 1)[1])
+        kind = "FusedMatMul" if name.startswith("past_key") else "MatMul"
+        assert matmuls == [kind] * len(attending[layer]), (name, ops_reading)
     if variant == "tiny":  # the tiny preset shares KV: fewer caches than layers
         assert len(spec.kv_layers) < spec.num_hidden_layers
+    session = BundleSession(bundles[variant])
+    cache = session.new_cache(1)
+    session.forward(np.arange(3, 3 + PROMPT_LEN)[None] % spec.vocab_size, cache)
+    names = [t.name for t in session.manifest.graphs.decoder.outputs]
+    feeds = {
+        session.manifest.graphs.decoder.inputs[0].name: np.array([[5]]),
+        "per_layer_inputs": session.per_layer_inputs(np.array([[5]])),
+        "position_ids": np.array([[PROMPT_LEN]]),
+        "logits_positions": np.array([0]),
+        **cache.tensors,
+    }
+    outputs = dict(zip(names, session.decoder.run(names, feeds), strict=True))
+    assert all(v.shape[2] == 1 for n, v in outputs.items() if n.startswith("present_")), "a whole cache"

@@ -7,6 +7,9 @@ manifest records it, and the runtime wires itself from the manifest's copy:
     embedder  input_ids [batch, sequence] -> per_layer_inputs [batch, sequence, L, P]
     decoder   input_ids, per_layer_inputs, position_ids, logits_positions, past_key.i, past_value.i
               -> logits [batch, logits, vocab], present_key.i, present_value.i   (i: KV-owning layers)
+
+A present is the call's new positions [batch, kv_heads, sequence, head_dim]: the runtime appends it to
+its cache and feeds the cache (a sliding layer's last max_length positions) as the next past.
 """
 
 from __future__ import annotations
@@ -34,7 +37,9 @@ def past_length(layer: int) -> str:
     return f"past_sequence_{layer}"
 
 
-def present_length(kv: KVLayer) -> str:
+def whole_cache_length(kv: KVLayer) -> str:
+    """A present's length where it is the whole cache (format 3, onnxruntime-genai's model): past and
+    new positions, a sliding layer's capped."""
     past = past_length(kv.layer)
     return f"{past} + {SEQUENCE}" if kv.max_length is None else f"min({past} + {SEQUENCE}, {kv.max_length})"
 
@@ -72,7 +77,7 @@ def graph_contract(
                 TensorIO(
                     present_name(kind, kv.layer),
                     kv_dtype,
-                    (BATCH, kv.kv_heads, present_length(kv), kv.head_dim),
+                    (BATCH, kv.kv_heads, SEQUENCE, kv.head_dim),  # the new positions only
                     Role(f"present_{kind}"),
                     kv.layer,
                 )

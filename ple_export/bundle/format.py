@@ -10,10 +10,12 @@ from __future__ import annotations
 from enum import StrEnum
 
 FORMAT = "ple-export-bundle"
-# 3: onnxruntime-genai's files (roles genai_model, genai_config); 2: the decoder's logits_positions
-# input (1: logits at every new token)
-FORMAT_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+# 4: present_* outputs hold the call's new positions only, appended to the cache by the runtime (up
+# to 3: the whole cache, past and new, capped, fed back as it is); 3: onnxruntime-genai's files (roles
+# genai_model, genai_config); 2: the decoder's logits_positions input (1: logits at every new token)
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
+APPENDING_KV_SINCE = 4  # the first format whose presents are the new positions only
 IR_VERSION = 10  # onnx 1.23 writes 14 by default; onnxruntime 1.31 loads at most 13
 OPSET = 18
 MS_DOMAIN = "com.microsoft"

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ple_export.bundle.format import (
+    APPENDING_KV_SINCE,
     FORMAT,
     MANIFEST_FILE,
     PLE_TABLE_FILE,
@@ -35,7 +36,10 @@ POSITIONS_RULE = (
     "position_ids are the absolute 0-based positions of the new tokens (past length + i); "
     "logits_positions index the new tokens (0..sequence-1) whose logits the decoder computes"
 )
-KV_UPDATE_RULE = "feed each present_* output back as the matching past_* input on the next call"
+KV_UPDATE_RULE = (
+    "append each present_* output (the call's new positions) to the matching past_* input for the next "
+    "call; a layer with a max_length keeps its last max_length positions"
+)
 OUT_OF_RANGE_IDS = "read row 0"
 FAMILY_CONTEXT = {"gemma4": 131072}  # max_position_embeddings of the family's released configs
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -258,6 +262,12 @@ class Manifest:
     passes: Mapping[str, Mapping[str, int]] = field(default_factory=dict)  # graph -> pass -> matches
 
     # ---- questions every reader asks ---------------------------------------------------------------
+    @property
+    def appends_kv(self) -> bool:
+        """The decoder's presents are the new positions only (the runtime appends them to its cache);
+        before format 4 they are the whole cache, fed back as they are."""
+        return self.format_version >= APPENDING_KV_SINCE
+
     @property
     def precision(self) -> str:
         """int4 / int8 / fp32: the coarsest precision of the decoder weights and the PLE table."""

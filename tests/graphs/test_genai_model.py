@@ -46,8 +46,17 @@ def test_spliced_graph_equals_the_pair(bundles: dict[str, Path], int4_bundle: Pa
         )
         after = spliced.run(None, feeds)
         assert after[0].shape == (1, 1, manifest.generation.vocab_size)
-        for a, b in zip(before, after, strict=True):
-            np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(before[0], after[0])
+        # the decoder's presents are the new positions; the spliced graph's the whole caches
+        # (`whole_presents`), a sliding layer's cut to its last max_length
+        names = [o.name for o in decoder.get_outputs()]
+        for name, new, whole in zip(names[1:], before[1:], after[1:], strict=True):
+            t = next(t for t in manifest.graphs.decoder.outputs if t.name == name)
+            kv = next(k for k in manifest.kv_cache.layers if k.layer == t.layer)
+            past = feeds[name.replace("present_", "past_")]
+            expected = np.concatenate([past, new], axis=2)[:, :, -kv.length_after(past.shape[2] + length) :]
+            assert new.shape[2] == length
+            np.testing.assert_array_equal(whole, expected)
 
 
 def test_no_weight_is_copied_and_names_stay_unique(int4_bundle: Path) -> None:
