@@ -2,13 +2,14 @@
 
 Split as the bundle is split:
   PLEEmbedder    input_ids -> per_layer_inputs           lookup only; its table lives in flash
-  Gemma4Decoder  input_ids, per_layer_inputs, position_ids, past KV -> logits, present KV
+  Gemma4Decoder  input_ids, per_layer_inputs, position_ids, past KV -> logits, new KV positions
 
-KV cache: explicit tensors for KV-owning layers only (`spec.kv_layers`). A full layer's present is
-past + new; a sliding layer's present keeps only the last `sliding_window - 1` positions (what the
-next token can see), as transformers' `DynamicSlidingWindowLayer` does. KV-shared layers attend
-over their source layer's past + new keys/values, in place. Attention is written out as grouped
-matmuls (see `attend`); RoPE exports as onnxruntime's `RotaryEmbedding`.
+KV cache: explicit tensors for KV-owning layers only (`spec.kv_layers`). A present is the call's new
+positions; the caller appends it to the past (`advance_past`), a sliding layer's cut to the last
+`sliding_window - 1` positions (what the next token can see), as transformers'
+`DynamicSlidingWindowLayer` keeps them. Attention reads past and new keys where they lie, never
+concatenated; KV-shared layers attend over their source layer's. It is written out as grouped
+matmuls (see `grouped_attention`); RoPE exports as onnxruntime's `RotaryEmbedding`.
 
 Upstream references are to transformers 5.23 `models/gemma4/modeling_gemma4.py`.
 """
