@@ -43,16 +43,23 @@ def with_genai_files(folder: Path, manifest: Manifest, chunk: int) -> Manifest:
         logits_positions=name(Role.LOGITS_POSITIONS),
         logits=name(Role.LOGITS),
     )
-    pairs = decoder.kv_pairs()  # present -> past
-    layers = {kv.layer: kv for kv in manifest.kv_cache.layers}
-    kv_outputs: list[tuple[str, str, int | None, tuple[object, ...]]] = []
-    for t in decoder.outputs:
-        if t.name in pairs:
-            kv = layers[int(t.layer)]  # type: ignore[arg-type]
-            dims = (t.shape[0], t.shape[1], whole_cache_length(kv), t.shape[3])
-            kv_outputs.append((pairs[t.name], t.name, kv.max_length, dims))
-    model = whole_presents(model, kv_outputs)
+    model = whole_presents(model, whole_cache_outputs(manifest))
     ir.save(model, folder / GENAI_MODEL_FILE)
     (folder / GENAI_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     known = {f.path: f.sha256 for f in manifest.files}
     return manifest.replace(files=file_entries(folder, known))
+
+
+def whole_cache_outputs(manifest: Manifest) -> list[tuple[str, str, int | None, tuple[object, ...]]]:
+    """`whole_presents`' arguments for a bundle: each present's past, name, max_length and the whole
+    cache's dims (what onnxruntime-genai, and a format 3 decoder, return)."""
+    decoder = manifest.graphs.decoder
+    pairs = decoder.kv_pairs()  # present -> past
+    layers = {kv.layer: kv for kv in manifest.kv_cache.layers}
+    out: list[tuple[str, str, int | None, tuple[object, ...]]] = []
+    for t in decoder.outputs:
+        if t.name in pairs:
+            kv = layers[int(t.layer)]  # type: ignore[arg-type]
+            dims = (t.shape[0], t.shape[1], whole_cache_length(kv), t.shape[3])
+            out.append((pairs[t.name], t.name, kv.max_length, dims))
+    return out

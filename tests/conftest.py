@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -79,3 +80,29 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     fp32 = export_bundle(ckpt, root / "fp32", ExportOptions(recipe=QuantRecipe.none())).out_dir
     int4 = quantize_bundle(fp32, root / "int4", QuantRecipe()).out_dir
     return {"fp32": fp32, "int4": int4, "root": root, "checkpoint": ckpt}
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Small matrices: one thread is as fast, and does not fight other work for the cores."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def swap_int4_codes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A packing bug for the thresholds to catch: the two int4 codes of every byte swapped."""
+    from graphs import weight_plan
+
+    real = weight_plan.BlockQuant.pack
+
+    def swapped(self: weight_plan.BlockQuant, q):  # type: ignore[no-untyped-def]
+        out = real(self, q)
+        if self.part == "data" and self.bits == 4:
+            out = ((out & 0x0F) << 4) | (out >> 4)
+        return out
+
+    monkeypatch.setattr(weight_plan.BlockQuant, "pack", swapped)

@@ -12,7 +12,6 @@ unigram model, and random weights of the same shape do not.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,8 @@ from runtime_harness import loop
 from runtime_harness.compare.thresholds import PARITY, QUALITY
 from runtime_harness.quality import QualityOptions, compare
 from runtime_harness.session import BundleSession
+from tests.conftest import swap_int4_codes
+from tests.test_tiny_trained import HELDOUT_WINDOWS, MIN_UNIGRAM_RATIO
 
 ASSET = Path(assets.__file__).parent / "tiny_trained_gemma3n"
 GEMMA4_ASSET = Path(assets.__file__).parent / "tiny_trained"
@@ -39,22 +40,14 @@ GEMMA4_ASSET = Path(assets.__file__).parent / "tiny_trained"
 # The options tests/test_quality.py measures the Gemma 4 model with; the thresholds are the int4
 # class's of runtime_harness/compare/thresholds.py, the same table as for Gemma 4.
 OPTS = QualityOptions(ASSET / tt.HELDOUT_FILE, windows=6, window_tokens=128, greedy_steps=16)
-# As in tests/test_tiny_trained.py: perplexity on the first 64 held-out windows (8,128 tokens), which
-# must beat the best unigram there (one fitted on those tokens themselves) by this factor.
-HELDOUT_WINDOWS = 64
-MIN_UNIGRAM_RATIO = 4.0
+# As in tests/test_tiny_trained.py (HELDOUT_WINDOWS, MIN_UNIGRAM_RATIO from there): perplexity on the first
+# 64 held-out windows (8,128 tokens) must beat the best unigram there by that factor.
 GREEDY_TOKENS = 24
 PROMPTS = 4  # held-out prompts for the greedy comparison, spread over the text
 PROMPT_TOKENS = 16
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Small matrices: one thread is as fast, and does not fight other work for the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -154,17 +147,8 @@ def test_a_broken_quantizer_fails_them(
 ) -> None:
     """The thresholds bite on this model too: swap the two codes of every byte (a packing bug)."""
     from exporter.quantize import quantize_bundle
-    from graphs import weight_plan
 
-    real = weight_plan.BlockQuant.pack
-
-    def swapped(self: weight_plan.BlockQuant, q):  # type: ignore[no-untyped-def]
-        out = real(self, q)
-        if self.part == "data" and self.bits == 4:
-            out = ((out & 0x0F) << 4) | (out >> 4)
-        return out
-
-    monkeypatch.setattr(weight_plan.BlockQuant, "pack", swapped)
+    swap_int4_codes(monkeypatch)
     broken = quantize_bundle(trained3n["fp32"], tmp_path / "broken", QuantRecipe()).out_dir
     report = compare(broken, trained3n["fp32"], OPTS)
     assert not report.passed and report.perplexity_ratio > QUALITY["int4"].max_perplexity_ratio

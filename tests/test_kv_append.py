@@ -11,8 +11,8 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
+from exporter.genai_files import whole_cache_outputs
 from graphs.genai_model import whole_presents
-from ple_export.bundle.contract import whole_cache_length
 from ple_export.bundle.files import file_entries
 from ple_export.bundle.manifest import Manifest
 from runtime_harness import loop
@@ -56,14 +56,7 @@ def _as_format_3(bundle: Path, out: Path) -> Path:
     shutil.copytree(bundle, out)
     manifest = Manifest.read(out)
     decoder = manifest.graphs.decoder
-    pairs, layers = decoder.kv_pairs(), {kv.layer: kv for kv in manifest.kv_cache.layers}
-    kv = []
-    for t in decoder.outputs:
-        if t.name in pairs:
-            layer = layers[int(t.layer)]  # type: ignore[arg-type]
-            dims = (t.shape[0], t.shape[1], whole_cache_length(layer), t.shape[3])
-            kv.append((pairs[t.name], t.name, layer.max_length, dims))
-    model = whole_presents(ir.load(out / decoder.file), kv)
+    model = whole_presents(ir.load(out / decoder.file), whole_cache_outputs(manifest))
     ir.save(model, out / decoder.file)
     known = {f.path: f.sha256 for f in manifest.files if f.path != decoder.file}
     manifest.replace(format_version=3, files=file_entries(out, known)).write(out)

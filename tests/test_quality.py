@@ -12,6 +12,7 @@ from exporter.export import ExportOptions, export_bundle
 from exporter.quantize import quantize_bundle
 from ple_export.bundle.recipe import QuantRecipe
 from runtime_harness.quality import QualityOptions, compare
+from tests.conftest import swap_int4_codes
 
 TRAINED = Path(assets.__file__).parent / "tiny_trained"
 OPTS = QualityOptions(TRAINED / "heldout.txt", windows=6, window_tokens=128, greedy_steps=16)
@@ -42,17 +43,7 @@ def test_recipes_meet_their_thresholds(name: str, fp32: Path, tmp_path: Path) ->
 
 def test_a_broken_quantizer_fails_them(fp32: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Swap the two codes of every byte (a packing bug): the thresholds must catch it."""
-    from graphs import weight_plan
-
-    real = weight_plan.BlockQuant.pack
-
-    def swapped(self: weight_plan.BlockQuant, q):  # type: ignore[no-untyped-def]
-        out = real(self, q)
-        if self.part == "data" and self.bits == 4:
-            out = ((out & 0x0F) << 4) | (out >> 4)
-        return out
-
-    monkeypatch.setattr(weight_plan.BlockQuant, "pack", swapped)
+    swap_int4_codes(monkeypatch)
     bundle = quantize_bundle(fp32, tmp_path / "broken", QuantRecipe()).out_dir
     report = compare(bundle, fp32, OPTS)
     assert not report.passed and report.perplexity_ratio > 1.06
